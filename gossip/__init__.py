@@ -1,0 +1,65 @@
+"""gossip: decentralized (gossip) communication for PyTorch on MPI.
+
+Quick use::
+
+    import gossip, torch
+    gossip.init()                              # MPI.COMM_WORLD, exponential-2 topology
+    x = torch.randn(1000)
+    y = gossip.neighbor_allreduce(x)           # x_i <- sum_j w_ij x_j over in-neighbours
+
+See ``README.md`` for the full API and ``topologies`` for graphs and weights.
+"""
+
+from gossip.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters
+from gossip.context import (
+    cuda_aware,
+    in_neighbors,
+    init,
+    is_initialized,
+    local_rank,
+    local_size,
+    machine_rank,
+    machine_size,
+    out_neighbors,
+    rank,
+    set_check,
+    set_topology,
+    shutdown,
+    size,
+    topology,
+)
+from gossip.errors import GossipError, InputMismatchError
+from gossip.flat import FlatBuffer, group_by_dtype_and_device
+from gossip.handles import Handle
+from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
+
+__all__ = [
+    "FlatBuffer",
+    "GossipError",
+    "Handle",
+    "InputMismatchError",
+    "allgather",
+    "allreduce",
+    "barrier",
+    "broadcast",
+    "broadcast_parameters",
+    "cuda_aware",
+    "group_by_dtype_and_device",
+    "in_neighbors",
+    "init",
+    "is_initialized",
+    "local_rank",
+    "local_size",
+    "machine_rank",
+    "machine_size",
+    "neighbor_allgather",
+    "neighbor_allreduce",
+    "neighbor_allreduce_async",
+    "out_neighbors",
+    "rank",
+    "set_check",
+    "set_topology",
+    "shutdown",
+    "size",
+    "topology",
+]

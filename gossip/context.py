@@ -1,0 +1,226 @@
+"""The runtime: MPI communicators, machine layout, the current topology and settings.
+
+``gossip.init()`` creates one :class:`Runtime` per process; every op reads it through
+:func:`current`. It holds a private duplicate of the user's communicator, so gossip traffic never
+matches a user's own messages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+
+import networkx as nx
+from mpi4py import MPI
+
+from gossip.errors import GossipError
+from gossip.graph_comm import StaticTopology, build_static_topology
+from gossip.tensors import BufferPool
+from gossip.transport import Transport, detect_cuda_aware
+from topologies import exponential_two
+
+_ENV_CHECK = "GOSSIP_CHECK"
+_ENV_RANKS_PER_MACHINE = "GOSSIP_RANKS_PER_MACHINE"
+_ENV_ABORT = "GOSSIP_ABORT_ON_ERROR"
+
+
+@dataclass
+class Runtime:
+    """Everything the ops need: communicators, layout, topology and settings."""
+
+    comm: MPI.Comm
+    local_comm: MPI.Comm
+    machine_rank: int
+    machine_size: int
+    topology: StaticTopology
+    check: bool
+    transport: Transport
+    pool: BufferPool = field(default_factory=BufferPool)
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+
+_runtime: Runtime | None = None
+
+
+def current() -> Runtime:
+    """The runtime of this process; raises :class:`GossipError` before :func:`init`."""
+    if _runtime is None:
+        raise GossipError("gossip.init() has not been called on this rank")
+    return _runtime
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _split_machines(comm: MPI.Comm) -> tuple[MPI.Comm, int, int]:
+    """Local (same-machine) communicator, machine index and machine count.
+
+    Machines are found with ``MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)``, or, when
+    ``GOSSIP_RANKS_PER_MACHINE=k`` is set, pretended as consecutive blocks of k ranks (to test
+    hierarchical code on one host).
+    """
+    pretend = os.environ.get(_ENV_RANKS_PER_MACHINE)
+    if pretend:
+        per_machine = int(pretend)
+        if per_machine < 1:
+            raise ValueError(f"{_ENV_RANKS_PER_MACHINE} must be >= 1, got {pretend!r}")
+        local = comm.Split(comm.rank // per_machine, comm.rank)
+    else:
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    leaders = comm.Split(0 if local.rank == 0 else MPI.UNDEFINED, comm.rank)
+    if local.rank == 0:
+        layout = (leaders.rank, leaders.size)
+        leaders.Free()
+    else:
+        layout = None
+    machine_rank, machine_size = local.bcast(layout, root=0)
+    return local, machine_rank, machine_size
+
+
+def _abort_on_uncaught(comm: MPI.Comm) -> None:
+    """Make an uncaught exception on one rank abort the job instead of leaving peers waiting."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):  # type: ignore[no-untyped-def]
+        if _runtime is not None and comm.size > 1:
+            traceback.print_exception(kind, value, tb)
+            sys.stderr.flush()
+            comm.Abort(1)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
+    """Start the runtime on ``comm`` (default ``MPI.COMM_WORLD``); idempotent.
+
+    Collective over ``comm``. Sets the default topology, :func:`topologies.exponential_two`.
+    ``check`` turns the cross-rank input check of every op on or off (default on, or
+    ``GOSSIP_CHECK=0|1``): with it, mismatched shapes, dtypes or send/receive patterns raise on
+    every rank; without it they are undefined behaviour (usually a hang) but each op saves one
+    16-byte allreduce. An uncaught exception on any rank aborts the whole job
+    (``GOSSIP_ABORT_ON_ERROR=0`` to turn off).
+    """
+    global _runtime
+    if _runtime is not None:
+        return
+    if not MPI.Is_initialized():
+        MPI.Init_thread()
+    comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+    local, machine_rank, machine_size = _split_machines(comm)
+    pool = BufferPool()
+    topology = build_static_topology(comm, exponential_two(comm.size))
+    _runtime = Runtime(
+        comm=comm,
+        local_comm=local,
+        machine_rank=machine_rank,
+        machine_size=machine_size,
+        topology=topology,
+        check=_env_flag(_ENV_CHECK, True) if check is None else bool(check),
+        transport=Transport(detect_cuda_aware(), pool),
+        pool=pool,
+    )
+    if _env_flag(_ENV_ABORT, True):
+        _abort_on_uncaught(comm)
+
+
+def shutdown() -> None:
+    """Free the runtime's communicators and buffers (collective). ``init`` may be called again."""
+    global _runtime
+    if _runtime is None:
+        return
+    rt, _runtime = _runtime, None
+    rt.topology.free()
+    rt.local_comm.Free()
+    rt.pool.clear()
+    rt.comm.Free()
+
+
+def is_initialized() -> bool:
+    """True between :func:`init` and :func:`shutdown`."""
+    return _runtime is not None
+
+
+def rank() -> int:
+    """This process's rank in the runtime's communicator."""
+    return current().rank
+
+
+def size() -> int:
+    """Number of ranks."""
+    return current().size
+
+
+def local_rank() -> int:
+    """Rank among the ranks on this machine."""
+    return current().local_comm.rank
+
+
+def local_size() -> int:
+    """Number of ranks on this machine."""
+    return current().local_comm.size
+
+
+def machine_rank() -> int:
+    """Index of this machine (0 .. machine_size-1), ordered by each machine's lowest rank."""
+    return current().machine_rank
+
+
+def machine_size() -> int:
+    """Number of machines."""
+    return current().machine_size
+
+
+def cuda_aware() -> bool:
+    """True if CUDA tensors go to MPI directly, False if they are staged through host memory."""
+    return current().transport.cuda_aware
+
+
+def set_check(enabled: bool) -> None:
+    """Turn the cross-rank input check on or off (must be called alike on every rank)."""
+    current().check = bool(enabled)
+
+
+def set_topology(graph: nx.DiGraph, *, allow_negative_weights: bool = False) -> None:
+    """Collective: make ``graph`` the static topology of every op that is given no weights.
+
+    ``graph`` is a ``networkx.DiGraph`` on nodes ``0..size-1``; edge ``j -> i`` carries
+    ``weight`` = the weight rank i gives to j's value, the self-loop ``i -> i`` rank i's self
+    weight (0 if absent). A graph without any weights gets uniform weights ``1/(indegree+1)``.
+    Raises :class:`InputMismatchError` on every rank if the graph is invalid on any rank or
+    differs between ranks; the previous topology then stays in place.
+    """
+    rt = current()
+    new = build_static_topology(rt.comm, graph, allow_negative_weights)
+    old, rt.topology = rt.topology, new
+    old.free()
+
+
+def topology() -> nx.DiGraph:
+    """The current static topology's graph."""
+    return current().topology.graph
+
+
+def in_neighbors() -> list[int]:
+    """Ranks this rank receives from in the static topology (self excluded), in arrival order."""
+    return list(current().topology.sources)
+
+
+def out_neighbors() -> list[int]:
+    """Ranks this rank sends to in the static topology (self excluded)."""
+    return list(current().topology.destinations)

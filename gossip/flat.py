@@ -1,0 +1,69 @@
+"""Fused flat buffers: many tensors laid out as views into one contiguous tensor.
+
+Gossiping a whole model then costs one MPI call on ``FlatBuffer.flat`` with no packing copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def group_by_dtype_and_device(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Split ``tensors`` into lists of equal dtype and device, keeping their order."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
+
+
+class FlatBuffer:
+    """One contiguous 1-D tensor ``flat`` holding ``tensors`` back to back.
+
+    With ``bind=True`` (default) each tensor's storage is re-pointed (``t.data = view``) to its
+    slice of ``flat``, so writing ``flat`` writes the tensors and vice versa: an optimizer can
+    update parameters individually and gossip them as one message. All tensors must share dtype
+    and device (use :meth:`for_module` or :func:`group_by_dtype_and_device` otherwise).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], *, bind: bool = True) -> None:
+        tensors = list(tensors)
+        if not tensors:
+            raise ValueError("FlatBuffer needs at least one tensor")
+        dtype, device = tensors[0].dtype, tensors[0].device
+        for k, t in enumerate(tensors):
+            if t.dtype != dtype or t.device != device:
+                raise ValueError(
+                    f"FlatBuffer tensors must share dtype and device: tensor 0 is {dtype} on {device}, "
+                    f"tensor {k} is {t.dtype} on {t.device}"
+                )
+        self.shapes = [t.shape for t in tensors]
+        self.offsets = [0]
+        for t in tensors:
+            self.offsets.append(self.offsets[-1] + t.numel())
+        self.flat = torch.empty(self.offsets[-1], dtype=dtype, device=device)
+        self.views = [self.flat[a:b].view(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
+        with torch.no_grad():
+            for view, t in zip(self.views, tensors):
+                view.copy_(t)
+        if bind:
+            for view, t in zip(self.views, tensors):
+                t.data = view
+
+    @classmethod
+    def for_module(cls, module: torch.nn.Module, *, bind: bool = True) -> list[FlatBuffer]:
+        """One FlatBuffer per (dtype, device) group of ``module``'s parameters, in order."""
+        params = [p for p in module.parameters()]
+        return [cls(group, bind=bind) for group in group_by_dtype_and_device(params)]
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def copy_from(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy ``tensors`` (same shapes, in order) into the buffer, e.g. gradients to fuse."""
+        if len(tensors) != len(self.views):
+            raise ValueError(f"expected {len(self.views)} tensors, got {len(tensors)}")
+        with torch.no_grad():
+            for view, t in zip(self.views, tensors):
+                view.copy_(t)

