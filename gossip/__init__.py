@@ -27,9 +27,10 @@ from gossip.context import (
     shutdown,
     size,
     topology,
+    uses_shared_memory,
 )
 from gossip.errors import GossipError, InputMismatchError
-from gossip.flat import FlatBuffer, group_by_dtype_and_device
+from gossip.flat import FlatBuffer, group_by_dtype_and_device, shared_empty
 from gossip.handles import Handle
 from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
 
@@ -59,7 +60,9 @@ __all__ = [
     "rank",
     "set_check",
     "set_topology",
+    "shared_empty",
     "shutdown",
     "size",
     "topology",
+    "uses_shared_memory",
 ]

@@ -15,7 +15,8 @@ error path only) and every rank raises :class:`InputMismatchError` naming each p
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 
 import numpy as np
 from mpi4py import MPI
@@ -27,8 +28,17 @@ _MASK = (1 << 64) - 1
 
 def signature(*parts: object) -> int:
     """A stable 64-bit id of a description (the same on every rank and every run)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    try:
+        return _cached_signature(parts)
+    except TypeError:  # an unhashable part (bad input on its way to being reported)
+        return _digest(parts)
+
+
+def _digest(parts: tuple) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+_cached_signature = lru_cache(maxsize=4096)(_digest)
 
 
 def _edge_hash(src: int, dst: int, sig: int) -> int:
@@ -46,53 +56,75 @@ def agree(
     sends_to: Iterable[int],
     receives_from: Iterable[int],
     sig: int,
-    description: str,
+    description: str | Callable[[], str],
     problem: str | None,
+    protocol: int | None = None,
 ) -> None:
     """Collective: return if every rank's input is consistent, else raise on every rank.
 
-    ``description`` is a human-readable form of ``sig`` used in messages; ``problem`` is a local
-    error message (bad argument on this rank) or None.
+    ``description`` is a human-readable form of ``sig`` used in messages (or a function making
+    it, called only on the error path); ``problem`` is a local error message (bad argument on this
+    rank) or None. ``protocol`` (a small int, e.g. which transport the op takes) must be the same
+    on every rank, edges or not: ranks that take different collective protocols would hang.
     """
-    sends_to = list(sends_to)
-    receives_from = list(receives_from)
-    balance = 0
-    for dst in sends_to:
-        balance += _edge_hash(comm.rank, dst, sig)
-    for src in receives_from:
-        balance -= _edge_hash(src, comm.rank, sig)
-    local = np.array([balance & _MASK, 0 if problem is None else 1], dtype=np.uint64)
+    sends_to = tuple(sends_to)
+    receives_from = tuple(receives_from)
+    balance = _balance(comm.rank, sends_to, receives_from, sig)
+    vote = 0 if protocol is None else protocol + 1
+    local = np.array([balance, 0 if problem is None else 1, vote, vote * vote], dtype=np.uint64)
     total = np.empty_like(local)
     comm.Allreduce(local, total, op=MPI.SUM)
-    if not total.any():
+    # All votes equal  <=>  (sum v)^2 == n * sum v^2 (Cauchy-Schwarz; exact for small ints).
+    unanimous = int(total[2]) ** 2 == comm.size * int(total[3])
+    if not total[:2].any() and unanimous:
         return
-    reports = comm.allgather((sorted(set(sends_to)), sorted(set(receives_from)), description, problem))
+    if callable(description):
+        description = description()
+    reports = comm.allgather((sorted(set(sends_to)), sorted(set(receives_from)), description, problem, protocol))
     raise InputMismatchError(_diagnose(what, comm.rank, reports))
+
+
+@lru_cache(maxsize=4096)
+def _balance(rank: int, sends_to: tuple[int, ...], receives_from: tuple[int, ...], sig: int) -> int:
+    """This rank's share of the edge-hash sum (cached: a training loop repeats the same few)."""
+    balance = 0
+    for dst in sends_to:
+        balance += _edge_hash(rank, dst, sig)
+    for src in receives_from:
+        balance -= _edge_hash(src, rank, sig)
+    return balance & _MASK
 
 
 def _diagnose(what: str, me: int, reports: Sequence[tuple]) -> str:
     """Explain, for every rank alike, what is inconsistent; lines about ``me`` come first."""
     problems: list[tuple[set[int], str]] = []
-    for rank, (_, _, _, problem) in enumerate(reports):
+    for rank, (_, _, _, problem, _) in enumerate(reports):
         if problem is not None:
             problems.append(({rank}, f"rank {rank}: {problem}"))
     seen_pairs: set[tuple[int, int]] = set()
     local_problem_ranks = {r for r, rep in enumerate(reports) if rep[3] is not None}
-    for src, (sends_to, _, src_desc, _) in enumerate(reports):
+    for src, (sends_to, _, src_desc, _, _) in enumerate(reports):
         for dst in sends_to:
             if not 0 <= dst < len(reports):
                 continue  # already reported as a local problem
             dst_receives, dst_desc = reports[dst][1], reports[dst][2]
             if src not in dst_receives:
                 if dst not in local_problem_ranks:
-                    problems.append(({src, dst}, f"rank {src} sends to rank {dst}, which does not receive from rank {src}"))
+                    problems.append(
+                        ({src, dst}, f"rank {src} sends to rank {dst}, which does not receive from rank {src}"))
             elif src_desc != dst_desc and (dst, src) not in seen_pairs:
                 seen_pairs.add((src, dst))
                 problems.append(({src, dst}, f"rank {src} has {src_desc} but rank {dst} has {dst_desc}"))
-    for dst, (_, receives_from, _, _) in enumerate(reports):
+    for dst, (_, receives_from, _, _, _) in enumerate(reports):
         for src in receives_from:
             if 0 <= src < len(reports) and dst not in reports[src][0] and src not in local_problem_ranks:
                 problems.append(({src, dst}, f"rank {dst} receives from rank {src}, which does not send to rank {dst}"))
+    protocols = {rep[4] for rep in reports}
+    if len(protocols) > 1 and not local_problem_ranks:
+        by_protocol = {p: [r for r, rep in enumerate(reports) if rep[4] == p] for p in sorted(protocols, key=str)}
+        listing = "; ".join(f"ranks {ranks}: {reports[ranks[0]][2]}" for ranks in by_protocol.values())
+        problems.append((set(range(len(reports))), f"ranks take different transfer paths ({listing}); sizes, "
+                         "devices or blocking/non-blocking calls must match on every rank"))
     if not problems:  # a hash collision in the balance, or a rank whose problem text was lost
         problems.append((set(), "the ranks' inputs disagree (send/receive patterns or signatures)"))
     mine = [text for ranks, text in problems if me in ranks]

@@ -10,7 +10,7 @@ from mpi4py import MPI
 from gossip import checks
 from gossip.context import Runtime, current
 from gossip.flat import group_by_dtype_and_device
-from gossip.tensors import LOW_PRECISION, mpi_buffer, mpi_datatype
+from gossip.tensors import LOW_PRECISION, mpi_buffer, overlaps
 
 _REDUCIBLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)
 
@@ -55,9 +55,14 @@ def allreduce(tensor: torch.Tensor, op: str = "mean", *, out: torch.Tensor | Non
 
     x = tensor.detach().contiguous()
     wide = x.float() if x.dtype in LOW_PRECISION else x
-    result = torch.empty_like(wide)
+    if out is not None and out.is_contiguous() and out.dtype == wide.dtype and out.shape == x.shape \
+            and out.device == x.device and not overlaps(out, x):
+        result = out  # reduce straight into the caller's buffer
+    else:
+        result = torch.empty_like(wide)
     send = rt.transport.outgoing(wide.view(-1))
-    recv = rt.transport.incoming(wide.numel(), wide.dtype, wide.device) if rt.transport.staged(wide) else result.view(-1)
+    staged = rt.transport.staged(wide)
+    recv = rt.transport.incoming(wide.numel(), wide.dtype, wide.device) if staged else result.view(-1)
     rt.comm.Allreduce(mpi_buffer(send), mpi_buffer(recv), op=MPI.SUM)
     if recv.data_ptr() != result.data_ptr():
         result.view(-1).copy_(recv)
@@ -67,7 +72,7 @@ def allreduce(tensor: torch.Tensor, op: str = "mean", *, out: torch.Tensor | Non
         result.div_(rt.size)
     if wide is not x:
         result = result.to(x.dtype)
-    if out is not None:
+    if out is not None and result is not out:
         return out.copy_(result)
     return result
 

@@ -17,6 +17,7 @@ from mpi4py import MPI
 
 from gossip.errors import GossipError
 from gossip.graph_comm import StaticTopology, build_static_topology
+from gossip.shared_memory import NodeMemory
 from gossip.tensors import BufferPool
 from gossip.transport import Transport, detect_cuda_aware
 from topologies import exponential_two
@@ -37,6 +38,7 @@ class Runtime:
     topology: StaticTopology
     check: bool
     transport: Transport
+    node_memory: NodeMemory
     pool: BufferPool = field(default_factory=BufferPool)
 
     @property
@@ -114,7 +116,9 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
     ``GOSSIP_CHECK=0|1``): with it, mismatched shapes, dtypes or send/receive patterns raise on
     every rank; without it they are undefined behaviour (usually a hang) but each op saves one
     16-byte allreduce. An uncaught exception on any rank aborts the whole job
-    (``GOSSIP_ABORT_ON_ERROR=0`` to turn off).
+    (``GOSSIP_ABORT_ON_ERROR=0`` to turn off). When all ranks share one machine, blocking
+    neighbour averaging of CPU tensors goes through shared memory (``GOSSIP_SHARED_MEMORY=0`` to
+    use MPI messages instead).
     """
     global _runtime
     if _runtime is not None:
@@ -133,6 +137,7 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
         topology=topology,
         check=_env_flag(_ENV_CHECK, True) if check is None else bool(check),
         transport=Transport(detect_cuda_aware(), pool),
+        node_memory=NodeMemory(comm),
         pool=pool,
     )
     if _env_flag(_ENV_ABORT, True):
@@ -146,6 +151,7 @@ def shutdown() -> None:
         return
     rt, _runtime = _runtime, None
     rt.topology.free()
+    rt.node_memory.free()
     rt.local_comm.Free()
     rt.pool.clear()
     rt.comm.Free()
@@ -189,6 +195,11 @@ def machine_size() -> int:
 def cuda_aware() -> bool:
     """True if CUDA tensors go to MPI directly, False if they are staged through host memory."""
     return current().transport.cuda_aware
+
+
+def uses_shared_memory() -> bool:
+    """True if blocking neighbour averaging of CPU tensors goes through node shared memory."""
+    return current().node_memory.usable
 
 
 def set_check(enabled: bool) -> None:

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from gossip.context import current
+
 
 def group_by_dtype_and_device(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Split ``tensors`` into lists of equal dtype and device, keeping their order."""
@@ -18,6 +20,21 @@ def group_by_dtype_and_device(tensors: Iterable[torch.Tensor]) -> list[list[torc
     return list(groups.values())
 
 
+def shared_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Collective: an uninitialised flat CPU tensor that neighbours read in place.
+
+    When all ranks share one machine the tensor lives in an MPI shared-memory window, so a
+    blocking ``neighbor_allreduce`` of it (or of a contiguous slice at the same offset on every
+    rank) copies nothing: the neighbours' weighted sums read it directly. Otherwise (several
+    machines, ``GOSSIP_SHARED_MEMORY=0``) it is an ordinary tensor. Every rank must call this in
+    the same order. Valid until ``gossip.shutdown()``.
+    """
+    node_memory = current().node_memory
+    if node_memory.usable:
+        return node_memory.empty(numel, dtype)
+    return torch.empty(numel, dtype=dtype)
+
+
 class FlatBuffer:
     """One contiguous 1-D tensor ``flat`` holding ``tensors`` back to back.
 
@@ -25,9 +42,12 @@ class FlatBuffer:
     slice of ``flat``, so writing ``flat`` writes the tensors and vice versa: an optimizer can
     update parameters individually and gossip them as one message. All tensors must share dtype
     and device (use :meth:`for_module` or :func:`group_by_dtype_and_device` otherwise).
+
+    With ``shared=True`` (collective; CPU tensors) ``flat`` comes from :func:`shared_empty`, so
+    gossiping it on one machine is zero-copy.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], *, bind: bool = True) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], *, bind: bool = True, shared: bool = False) -> None:
         tensors = list(tensors)
         if not tensors:
             raise ValueError("FlatBuffer needs at least one tensor")
@@ -42,20 +62,26 @@ class FlatBuffer:
         self.offsets = [0]
         for t in tensors:
             self.offsets.append(self.offsets[-1] + t.numel())
-        self.flat = torch.empty(self.offsets[-1], dtype=dtype, device=device)
-        self.views = [self.flat[a:b].view(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
+        if shared and device.type != "cpu":
+            raise ValueError(f"FlatBuffer(shared=True) holds CPU tensors, got tensors on {device}")
+        if shared:
+            self.flat = shared_empty(self.offsets[-1], dtype)
+        else:
+            self.flat = torch.empty(self.offsets[-1], dtype=dtype, device=device)
+        spans = zip(self.offsets[:-1], self.offsets[1:], self.shapes, strict=True)
+        self.views = [self.flat[a:b].view(shape) for a, b, shape in spans]
         with torch.no_grad():
-            for view, t in zip(self.views, tensors):
+            for view, t in zip(self.views, tensors, strict=True):
                 view.copy_(t)
         if bind:
-            for view, t in zip(self.views, tensors):
+            for view, t in zip(self.views, tensors, strict=True):
                 t.data = view
 
     @classmethod
-    def for_module(cls, module: torch.nn.Module, *, bind: bool = True) -> list[FlatBuffer]:
+    def for_module(cls, module: torch.nn.Module, *, bind: bool = True, shared: bool = False) -> list[FlatBuffer]:
         """One FlatBuffer per (dtype, device) group of ``module``'s parameters, in order."""
         params = [p for p in module.parameters()]
-        return [cls(group, bind=bind) for group in group_by_dtype_and_device(params)]
+        return [cls(group, bind=bind, shared=shared) for group in group_by_dtype_and_device(params)]
 
     def __len__(self) -> int:
         return len(self.views)
@@ -65,5 +91,5 @@ class FlatBuffer:
         if len(tensors) != len(self.views):
             raise ValueError(f"expected {len(self.views)} tensors, got {len(tensors)}")
         with torch.no_grad():
-            for view, t in zip(self.views, tensors):
+            for view, t in zip(self.views, tensors, strict=True):
                 view.copy_(t)

@@ -103,7 +103,8 @@ def build_static_topology(comm: MPI.Comm, graph: nx.DiGraph, allow_negative: boo
             )
         elif not problems:
             lines.append("another rank's graph is invalid (see its message)")
-        raise InputMismatchError("set_topology failed on rank %d:\n  %s" % (comm.rank, "\n  ".join(lines)))
+        details = "\n  ".join(lines)
+        raise InputMismatchError(f"set_topology failed on rank {comm.rank}:\n  {details}")
 
     rank = comm.rank
     has_weights = graph.number_of_edges() > 0 and all("weight" in d for _, _, d in graph.edges(data=True))

@@ -41,7 +41,8 @@ def is_open_mpi(mpirun: str) -> bool:
     return "Open MPI" in text or "OpenRTE" in text
 
 
-def mpirun_command(np: int, command: list[str], *, extra: list[str] | None = None, tag_output: bool = False) -> list[str]:
+def mpirun_command(np: int, command: list[str], *, extra: list[str] | None = None,
+                   tag_output: bool = False) -> list[str]:
     """The full launch command for ``np`` ranks running ``command``."""
     mpirun = find_mpirun()
     args = [mpirun, "-np", str(np)]

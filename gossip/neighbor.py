@@ -22,7 +22,7 @@ from gossip.errors import InputMismatchError
 from gossip.graph_comm import WEIGHT_TOLERANCE
 from gossip.handles import Handle
 from gossip.reduce import weighted_sum
-from gossip.tensors import FLOAT_DTYPES, mpi_buffer
+from gossip.tensors import FLOAT_DTYPES, mpi_buffer, overlaps
 
 _TAG_DATA = 0x6701
 _TAG_SCALE = 0x6702
@@ -104,17 +104,27 @@ def _resolve(rt: Runtime, self_weight: float | None, src_weights: Weights, dst_w
     return _Exchange(True, sources, [src[j] for j in sources], destinations, [dst[d] for d in destinations], sw)
 
 
+def _path(rt: Runtime, tensor: torch.Tensor, blocking: bool) -> tuple:
+    """How the values move: ``("shared-memory", location)`` or ``("mpi", blocking)``."""
+    if blocking and tensor.device.type == "cpu" and rt.node_memory.usable:
+        location = rt.node_memory.locate(tensor) if tensor.is_contiguous() else None
+        return ("shared-memory", location)
+    return ("mpi", blocking)
+
+
 def _checked_exchange(rt: Runtime, tensor: torch.Tensor, op: str, self_weight: float | None,
-                      src_weights: Weights, dst_weights: Weights) -> _Exchange:
-    """Resolve the arguments and, if checks are on, agree with all ranks that they fit together."""
+                      src_weights: Weights, dst_weights: Weights, blocking: bool) -> tuple[_Exchange, tuple]:
+    """Resolve the arguments and the path; if checks are on, agree with all ranks that they fit together."""
     problem = None
     exchange = None
+    path: tuple = ()
     try:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{op} takes a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op} supports float32/float64/float16/bfloat16 tensors, got {tensor.dtype}")
         exchange = _resolve(rt, self_weight, src_weights, dst_weights)
+        path = _path(rt, tensor, blocking)
     except (TypeError, ValueError) as err:
         if not rt.check:
             raise type(err)(f"rank {rt.rank}: {err}") from None
@@ -125,18 +135,39 @@ def _checked_exchange(rt: Runtime, tensor: torch.Tensor, op: str, self_weight: f
             shape, dtype = None, None
         else:
             shape, dtype = tuple(tensor.shape), str(tensor.dtype).replace("torch.", "")
-        description = f"{op} of shape {shape} {dtype} ({kind} exchange)"
+        def description() -> str:
+            return f"{op} of shape {shape} {dtype} ({kind} exchange, {_describe(path)})"
+
         checks.agree(
             rt.comm,
             what=op,
             sends_to=exchange.destinations if exchange else [],
             receives_from=exchange.sources if exchange else [],
-            sig=checks.signature(op, kind, shape, dtype),
+            sig=checks.signature(op, kind, shape, dtype, path),
             description=description,
             problem=problem,
+            protocol=_protocol(exchange, path),
         )
     assert exchange is not None
-    return exchange
+    return exchange, path
+
+
+def _protocol(exchange: _Exchange | None, path: tuple) -> int | None:
+    """What every rank must do alike, edges or not: 3 shared memory, 1/2 blocking/non-blocking
+    neighbourhood collective, 0 point-to-point (blocking and non-blocking sends match)."""
+    if exchange is None or not path:
+        return None
+    if path[0] == "shared-memory":
+        return 3
+    return 0 if exchange.dynamic else (1 if path[1] else 2)
+
+
+def _describe(path: tuple) -> str:
+    if not path:
+        return "invalid"
+    if path[0] == "shared-memory":
+        return "shared memory" + ("" if path[1] is None else f", in place at window {path[1][0]} byte {path[1][1]}")
+    return "MPI, " + ("blocking" if path[1] else "non-blocking")
 
 
 def _check_out(out: torch.Tensor, like: torch.Tensor) -> None:
@@ -147,7 +178,7 @@ def _check_out(out: torch.Tensor, like: torch.Tensor) -> None:
         )
 
 
-def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, out: torch.Tensor | None, blocking: bool) -> Handle:
+def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: torch.Tensor | None) -> Handle:
     transport = rt.transport
     x = tensor.detach().contiguous()  # copies only a non-contiguous input; the input is never written
     flat = x.view(-1)
@@ -156,6 +187,14 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, out: torch.Tensor |
         _check_out(out, tensor)
     result = out if out is not None and out.is_contiguous() else torch.empty_like(x)
 
+    if path[0] == "shared-memory":
+        if path[1] is not None and overlaps(result, flat):  # neighbours read flat in place: do not overwrite it
+            result = torch.empty_like(x)
+        rt.node_memory.neighbor_reduce(flat, ex.self_weight, ex.sources, ex.src_weights, ex.destinations,
+                                       ex.dst_weights if ex.dynamic else None, result.view(-1))
+        return Handle([], lambda: _deliver(result, out))
+
+    blocking = path[1]
     send = transport.outgoing(flat) if (ex.sources or ex.destinations) else flat
     recv = transport.incoming(d * n, flat.dtype, device) if d else None
     requests: list[MPI.Request] = []
@@ -184,23 +223,28 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, out: torch.Tensor |
             requests = []
 
     def finish() -> torch.Tensor:
-        weights = ex.src_weights if scales is None else [w * s for w, s in zip(ex.src_weights, scales)]
-        received = None
+        weights = ex.src_weights if scales is None else [w * s for w, s in zip(ex.src_weights, scales, strict=True)]
+        terms = [(ex.self_weight, flat)]
         if recv is not None:
             received = transport.to_device(recv, device)
-            weighted_sum(flat, received.view(d, n), ex.self_weight, weights, result.view(-1))
+            terms += [(w, received[k * n:(k + 1) * n]) for k, w in enumerate(weights)]
+            weighted_sum(terms, result.view(-1))
             if received is not recv:
                 transport.done_with(received)
             transport.done_with(recv)
         else:
-            weighted_sum(flat, None, ex.self_weight, weights, result.view(-1))
+            weighted_sum(terms, result.view(-1))
         transport.done_with(send, flat)
-        if out is not None and result is not out:
-            out.copy_(result)
-            return out
-        return result
+        return _deliver(result, out)
 
     return Handle(requests, finish)
+
+
+def _deliver(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is not None and result is not out:
+        out.copy_(result)
+        return out
+    return result
 
 
 def neighbor_allreduce_async(
@@ -217,8 +261,9 @@ def neighbor_allreduce_async(
     background of MPI's progress. Do not modify ``tensor`` until the handle is waited on.
     """
     rt = current()
-    exchange = _checked_exchange(rt, tensor, "neighbor_allreduce", self_weight, src_weights, dst_weights)
-    return _start(rt, tensor, exchange, out, blocking=False)
+    exchange, path = _checked_exchange(rt, tensor, "neighbor_allreduce", self_weight, src_weights, dst_weights,
+                                       blocking=False)
+    return _start(rt, tensor, exchange, path, out)
 
 
 def neighbor_allreduce(
@@ -251,8 +296,9 @@ def neighbor_allreduce(
     :class:`gossip.InputMismatchError` on every rank instead of hanging.
     """
     rt = current()
-    exchange = _checked_exchange(rt, tensor, "neighbor_allreduce", self_weight, src_weights, dst_weights)
-    return _start(rt, tensor, exchange, out, blocking=True).wait()
+    exchange, path = _checked_exchange(rt, tensor, "neighbor_allreduce", self_weight, src_weights, dst_weights,
+                                       blocking=True)
+    return _start(rt, tensor, exchange, path, out).wait()
 
 
 def neighbor_allgather(tensor: torch.Tensor) -> torch.Tensor:

@@ -79,3 +79,11 @@ class BufferPool:
     def clear(self) -> None:
         """Drop every cached buffer."""
         self._free.clear()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if the memory spans of ``a`` and ``b`` (start to start + numel) intersect."""
+    if a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()

@@ -11,7 +11,6 @@ import ctypes
 import os
 
 import torch
-from mpi4py import MPI
 
 from gossip.tensors import BufferPool
 

@@ -5,18 +5,24 @@ import torch
 
 from tests.mpi_harness import SCRIPTS, run_mpi
 
+# On one machine blocking CPU averaging goes through shared memory by default; the cases marked
+# "mpi" force MPI messages (neighbourhood collectives, point-to-point), the path used across machines.
+MPI_MESSAGES = {"GOSSIP_SHARED_MEMORY": "0"}
 CASES = [
-    ("neighbor_static.py", 1), ("neighbor_static.py", 2), ("neighbor_static.py", 4), ("neighbor_static.py", 8),
-    ("neighbor_dynamic.py", 1), ("neighbor_dynamic.py", 2), ("neighbor_dynamic.py", 4),
-    ("neighbor_dynamic.py", 8),
-    ("collectives.py", 1), ("collectives.py", 3), ("collectives.py", 4),
-    ("bad_input.py", 2), ("bad_input.py", 4), ("bad_input.py", 5),
+    ("neighbor_static.py", 1, None), ("neighbor_static.py", 2, None), ("neighbor_static.py", 4, None),
+    ("neighbor_static.py", 8, None), ("neighbor_static.py", 4, MPI_MESSAGES), ("neighbor_static.py", 5, MPI_MESSAGES),
+    ("neighbor_dynamic.py", 1, None), ("neighbor_dynamic.py", 2, None), ("neighbor_dynamic.py", 4, None),
+    ("neighbor_dynamic.py", 8, None), ("neighbor_dynamic.py", 4, MPI_MESSAGES),
+    ("shared_memory.py", 1, None), ("shared_memory.py", 4, None), ("shared_memory.py", 5, None),
+    ("shared_memory.py", 3, MPI_MESSAGES),
+    ("collectives.py", 1, None), ("collectives.py", 3, None), ("collectives.py", 4, None),
+    ("bad_input.py", 2, None), ("bad_input.py", 4, None), ("bad_input.py", 5, None), ("bad_input.py", 4, MPI_MESSAGES),
 ]
 
 
-@pytest.mark.parametrize("script,np", CASES, ids=[f"{s[:-3]}-np{n}" for s, n in CASES])
-def test_under_mpirun(script: str, np: int) -> None:
-    run_mpi(SCRIPTS / script, np)
+@pytest.mark.parametrize("script,np,env", CASES, ids=[f"{s[:-3]}-np{n}{'-mpi' if e else ''}" for s, n, e in CASES])
+def test_under_mpirun(script: str, np: int, env: dict | None) -> None:
+    run_mpi(SCRIPTS / script, np, env=env)
 
 
 CUDA_CASES = [("neighbor_static.py", 2), ("neighbor_dynamic.py", 4), ("collectives.py", 2)]

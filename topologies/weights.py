@@ -53,7 +53,7 @@ def from_matrix(w: np.ndarray) -> nx.DiGraph:
         raise ValueError(f"mixing matrix must be square, got shape {w.shape}")
     graph = nx.DiGraph()
     graph.add_nodes_from(range(w.shape[0]))
-    for i, j in zip(*np.nonzero(w)):
+    for i, j in zip(*np.nonzero(w), strict=True):
         graph.add_edge(int(j), int(i), weight=float(w[i, j]))
     return graph
 

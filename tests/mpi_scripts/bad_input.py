@@ -5,6 +5,7 @@ leaves any rank behind. After each error the runtime must still work.
 """
 
 import networkx as nx
+import numpy as np
 import torch
 from _common import WORLD, assert_close, gathered, rank_values
 
@@ -83,9 +84,11 @@ def test_graph_with_bad_weights():
 def test_graph_differs_across_ranks():
     if N == 1:
         return
-    graph = topologies.ring(N) if R % 2 else topologies.fully_connected(N)
-    if N == 2 or N == 3:  # ring and fully connected coincide; use star instead
-        graph = topologies.star(N) if R % 2 else topologies.fully_connected(N)
+    # Same edges on every rank, but odd ranks weigh themselves 3/4 instead of uniformly.
+    mixing = topologies.mixing_matrix(topologies.fully_connected(N))
+    if R % 2:
+        mixing = 0.75 * np.eye(N) + 0.25 * mixing
+    graph = topologies.from_matrix(mixing)
     _expect_error(lambda: gossip.set_topology(graph), "different graphs")
     _still_works()
 
@@ -131,4 +134,24 @@ def test_non_tensor_and_bad_dtype():
     _expect_error(lambda: gossip.neighbor_allreduce(arg), "rank 0", "torch.Tensor")
     arg = torch.ones(2, dtype=torch.int32) if R == N - 1 else torch.ones(2)
     _expect_error(lambda: gossip.neighbor_allreduce(arg), f"rank {N - 1}", "int32")
+    _still_works()
+
+
+def test_ranks_without_edges_taking_different_paths():
+    """Edge checks cannot see isolated ranks; the protocol vote must still catch a mixed call."""
+    if N == 1:
+        return
+    alone = nx.DiGraph()
+    alone.add_nodes_from(range(N))
+    alone.add_edges_from((i, i) for i in range(N))
+    gossip.set_topology(alone)
+    x = torch.ones(4)
+
+    def call():
+        if R == 0:
+            return gossip.neighbor_allreduce_async(x).wait()
+        return gossip.neighbor_allreduce(x)
+
+    _expect_error(call, "different transfer paths")
+    gossip.set_topology(topologies.exponential_two(N))
     _still_works()

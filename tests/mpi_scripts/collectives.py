@@ -71,7 +71,7 @@ def test_flat_buffer_binds_views_and_gossips_in_one_call():
     expected = [p.detach().clone() for p in model.parameters()]
     (buffer,) = gossip.FlatBuffer.for_module(model)
     assert buffer.flat.numel() == sum(p.numel() for p in model.parameters())
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         assert torch.equal(p.detach(), e)
         assert p.data_ptr() >= buffer.flat.data_ptr()
     averaged = gossip.allreduce(buffer.flat)
