@@ -24,6 +24,9 @@ from mpi4py import MPI
 from gossip.errors import InputMismatchError
 
 _MASK = (1 << 64) - 1
+# The check's send and receive buffers, reused by every call (ops are not re-entrant).
+_LOCAL = np.zeros(4, dtype=np.uint64)
+_TOTAL = np.zeros(4, dtype=np.uint64)
 
 
 def signature(*parts: object) -> int:
@@ -71,12 +74,11 @@ def agree(
     receives_from = tuple(receives_from)
     balance = _balance(comm.rank, sends_to, receives_from, sig)
     vote = 0 if protocol is None else protocol + 1
-    local = np.array([balance, 0 if problem is None else 1, vote, vote * vote], dtype=np.uint64)
-    total = np.empty_like(local)
-    comm.Allreduce(local, total, op=MPI.SUM)
+    _LOCAL[:] = (balance, 0 if problem is None else 1, vote, vote * vote)
+    comm.Allreduce(_LOCAL, _TOTAL, op=MPI.SUM)
+    balance_sum, problem_count, vote_sum, vote_square_sum = _TOTAL.tolist()
     # All votes equal  <=>  (sum v)^2 == n * sum v^2 (Cauchy-Schwarz; exact for small ints).
-    unanimous = int(total[2]) ** 2 == comm.size * int(total[3])
-    if not total[:2].any() and unanimous:
+    if balance_sum == 0 and problem_count == 0 and vote_sum * vote_sum == comm.size * vote_square_sum:
         return
     if callable(description):
         description = description()

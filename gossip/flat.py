@@ -90,6 +90,9 @@ class FlatBuffer:
         """Copy ``tensors`` (same shapes, in order) into the buffer, e.g. gradients to fuse."""
         if len(tensors) != len(self.views):
             raise ValueError(f"expected {len(self.views)} tensors, got {len(tensors)}")
+        for k, (view, t) in enumerate(zip(self.views, tensors, strict=True)):
+            if t.shape != view.shape:
+                raise ValueError(f"tensor {k} has shape {tuple(t.shape)}, expected {tuple(view.shape)}")
         with torch.no_grad():
             for view, t in zip(self.views, tensors, strict=True):
                 view.copy_(t)

@@ -32,7 +32,7 @@ def ring(n: int) -> nx.DiGraph:
     """Bidirectional ring: i exchanges with ``i-1`` and ``i+1`` (mod n), weight 1/3 each (n >= 3).
 
     n = 2 gives one neighbour with weight 1/2; n = 1 a single node with self weight 1.
-    Doubly stochastic; spectral gap ``(1 - cos(2 pi / n)) * 2/3``, i.e. O(1/n^2).
+    Doubly stochastic; for n >= 3 the spectral gap is ``(1 - cos(2 pi / n)) * 2/3``, i.e. O(1/n^2).
     """
     _check_size(n)
     return _circulant(n, {1, n - 1})

@@ -27,9 +27,8 @@ def uniform_weights(graph: nx.DiGraph) -> nx.DiGraph:
 def mixing_matrix(graph: nx.DiGraph) -> np.ndarray:
     """Return W (n x n, float64) with ``W[i, j]`` = the weight receiver i gives to sender j.
 
-    Nodes must be ``0..n-1``. Edges without a ``weight`` attribute count as weight 1.0 only if no
-    edge has a weight; otherwise a missing weight is an error. A graph with no weights at all is
-    read with uniform weights (see :func:`uniform_weights`).
+    Nodes must be ``0..n-1``. A graph with no weights at all is read with uniform weights (see
+    :func:`uniform_weights`); a graph where only some edges carry a weight is an error.
     """
     n = graph.number_of_nodes()
     if set(graph.nodes) != set(range(n)):
