@@ -159,7 +159,7 @@ class NodeMemory:
         self._need[0] = nbytes if staged else 0
         self._fence(located)  # our stores become visible before the collective orders the ranks
         self.comm.Allreduce(self._need, self._max_need, op=MPI.MAX)
-        if self._max_need[0] > (self._staging.nbytes if self._staging is not None else 0):
+        if self._staging is None or self._max_need[0] > self._staging.nbytes:  # the same test on every rank
             self._grow_staging(int(self._max_need[0]))
             if staged:
                 self._published(located, flat)[self.rank].copy_(flat)
@@ -181,6 +181,8 @@ class NodeMemory:
         key = (index, offset, flat.dtype, flat.numel())
         views = self._views.get(key)
         if views is None:
+            if len(self._views) > 1024:  # many distinct shapes: start the cache afresh
+                self._views.clear()
             window = self._staging if located is None else self._windows[index]
             views = self._views[key] = window.views(offset, flat)
         return views

@@ -19,6 +19,15 @@ def test_shared_memory_is_used_exactly_when_it_can_be():
     assert current().node_memory.usable == (ENABLED and N > 1), f"rank {R}: unexpected shared-memory state"
 
 
+def test_empty_tensor_and_first_call_allocation():
+    """The first shared-memory call of the job is on empty tensors: staging must still exist."""
+    gossip.set_topology(topologies.ring(N))
+    for shape in ((0,), (2, 0), (1,)):
+        x = torch.zeros(shape)
+        y = gossip.neighbor_allreduce(x)
+        assert y.shape == x.shape, f"rank {R}: shape {tuple(y.shape)} for input {shape}"
+
+
 def test_shared_tensor_in_place_iterations():
     """x <- W x, ten times, writing the result over the shared input: equals W^10 X."""
     gossip.set_topology(topologies.exponential_two(N))
@@ -81,3 +90,4 @@ def test_dynamic_push_sum_on_shared_tensor():
     dst = (R + 1) % N
     y = gossip.neighbor_allreduce(x, self_weight=0.6, src_weights={(R - 1) % N: 1.0}, dst_weights={dst: 0.4})
     assert_close(y, 0.6 * rows[R] + 0.4 * rows[(R - 1) % N], torch.float64, "push-sum step, shared tensor")
+
