@@ -25,6 +25,7 @@ from topologies import exponential_two
 _ENV_CHECK = "GOSSIP_CHECK"
 _ENV_RANKS_PER_MACHINE = "GOSSIP_RANKS_PER_MACHINE"
 _ENV_ABORT = "GOSSIP_ABORT_ON_ERROR"
+_ENV_SHARED_MEMORY = "GOSSIP_SHARED_MEMORY"
 
 
 @dataclass
@@ -137,7 +138,7 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
         topology=topology,
         check=_env_flag(_ENV_CHECK, True) if check is None else bool(check),
         transport=Transport(detect_cuda_aware(), pool),
-        node_memory=NodeMemory(comm),
+        node_memory=NodeMemory(comm, enabled=_env_flag(_ENV_SHARED_MEMORY, True)),
         pool=pool,
     )
     if _env_flag(_ENV_ABORT, True):

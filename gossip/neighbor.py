@@ -191,7 +191,7 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
         if path[1] is not None and overlaps(result, flat):  # neighbours read flat in place: do not overwrite it
             result = torch.empty_like(x)
         rt.node_memory.neighbor_reduce(flat, ex.self_weight, ex.sources, ex.src_weights, ex.destinations,
-                                       ex.dst_weights if ex.dynamic else None, result.view(-1))
+                                       ex.dst_weights if ex.dynamic else None, result.view(-1), located=path[1])
         return Handle([], lambda: _deliver(result, out))
 
     blocking = path[1]

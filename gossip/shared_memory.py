@@ -15,7 +15,6 @@ each rank needs, so the staging window grows collectively, on the first call tha
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,6 @@ from mpi4py import MPI
 
 from gossip.reduce import weighted_sum
 
-ENV_SHARED_MEMORY = "GOSSIP_SHARED_MEMORY"
 _ALIGN = 4096
 
 
@@ -67,16 +65,15 @@ class _Window:
 class NodeMemory:
     """The shared-memory exchange of one communicator; :attr:`usable` only on a single machine.
 
-    Collective to create and to :meth:`free`. Disabled with ``GOSSIP_SHARED_MEMORY=0`` (then every
-    exchange goes through MPI point-to-point or neighbourhood collectives).
+    Collective to create and to :meth:`free`. ``enabled=False`` (``GOSSIP_SHARED_MEMORY=0``) sends
+    every exchange through MPI point-to-point or neighbourhood collectives instead.
     """
 
-    def __init__(self, comm: MPI.Comm) -> None:
+    def __init__(self, comm: MPI.Comm, enabled: bool = True) -> None:
         self.rank, self.size = comm.rank, comm.size
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
-        wanted = os.environ.get(ENV_SHARED_MEMORY, "1") != "0"
         # The same answer on every rank, or ranks would take different protocols and hang.
-        self.usable = bool(comm.allreduce(wanted and node.size == comm.size and comm.size > 1, op=MPI.LAND))
+        self.usable = bool(comm.allreduce(enabled and node.size == comm.size and comm.size > 1, op=MPI.LAND))
         self._windows: list[_Window] = []
         # (window index or -1 for staging, byte offset, dtype, numel) -> every rank's view of those bytes
         self._views: dict[tuple, list[torch.Tensor]] = {}
@@ -141,13 +138,14 @@ class NodeMemory:
         destinations: list[int],
         dst_scales: list[float] | None,
         out: torch.Tensor,
+        located: tuple[int, int] | None,
     ) -> None:
         """Collective: ``out = self_weight * flat + sum_j w_j * s_j * x_j`` over ``sources``.
 
         ``s_j`` is what source j scales its sends to this rank by (``dst_scales`` of that rank,
         1 when None). ``flat`` and ``out`` are flat CPU tensors; ``out`` must not alias ``flat``.
+        ``located`` is :meth:`locate` of ``flat`` (None: publish a copy through the staging window).
         """
-        located = self.locate(flat)
         nbytes = flat.numel() * flat.element_size()
         if dst_scales is not None:
             row = self._scales_rows[self.rank]
