@@ -1,0 +1,42 @@
+"""benchmarks/throughput.py end to end on 4 real ranks: Horovod-format lines, JSON with every method, chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mpi_harness import REPO, start_job
+
+SCRIPT = REPO / "benchmarks" / "throughput.py"
+
+
+def test_gossip_and_both_allreduce_baselines_in_one_run(tmp_path: Path) -> None:
+    args = ["--model", "mlp", "--width", "64", "--batch-size", "8", "--num-warmup-batches", "2",
+            "--num-batches-per-iter", "2", "--num-iters", "3", "--topology", "one-peer-exp2,ring",
+            "--out", str(tmp_path)]
+    proc = start_job(4, [sys.executable, str(SCRIPT), *args])
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"throughput.py timed out:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    methods = ["dmsgd on one-peer-exp2", "dmsgd on ring", "PmSGD (gossip.allreduce)", "DDP (gloo)"]
+    for method in methods:
+        line = re.search(re.escape(method) + r": samples/sec per rank: ([\d.]+) \+- ([\d.]+); "
+                         r"total on 4 ranks: ([\d.]+)", output)
+        assert line, f"no Horovod-format line for {method}:\n{output[-4000:]}"
+        per_rank, total = float(line.group(1)), float(line.group(3))
+        assert per_rank > 0 and total == pytest.approx(4 * per_rank, rel=1e-3)
+    saved = json.loads((tmp_path / "throughput-mlp-w64-np4.json").read_text())
+    assert [r["method"] for r in saved["results"]] == methods
+    assert len({r["parameters"] for r in saved["results"]}) == 1  # every method trains the same model
+    assert (tmp_path / "throughput-mlp-w64-np4.png").stat().st_size > 5_000
