@@ -8,16 +8,20 @@ each module's docstring.
 
 from algorithms.awc_dmsgd import AWCDmSGD
 from algorithms.base import DecentralizedOptimizer
+from algorithms.cr_psgd import CRPSGD, CRPSGDCatalyst, growing_batch_sizes
 from algorithms.d2 import D2
 from algorithms.da_dmsgd import DADmSGD
 from algorithms.decentlam import DecentLaM
 from algorithms.dmsgd import DmSGD
 from algorithms.dsgd import DSGD
 from algorithms.gradient_tracking import GradientTracking
+from algorithms.local_sgd import LocalSGD
 from algorithms.pmsgd import PmSGD
 from algorithms.qg_dmsgd import QGDmSGD
 from algorithms.registry import available, create
 from algorithms.sgp import SGP
+from algorithms.slowmo import BMUF, MAVG, OuterMomentum, SlowMo
 
-__all__ = ["AWCDmSGD", "D2", "DADmSGD", "DSGD", "DecentLaM", "DecentralizedOptimizer", "DmSGD", "GradientTracking",
-           "PmSGD", "QGDmSGD", "SGP", "available", "create"]
+__all__ = ["AWCDmSGD", "BMUF", "CRPSGD", "CRPSGDCatalyst", "D2", "DADmSGD", "DSGD", "DecentLaM",
+           "DecentralizedOptimizer", "DmSGD", "GradientTracking", "LocalSGD", "MAVG", "OuterMomentum", "PmSGD",
+           "QGDmSGD", "SGP", "SlowMo", "available", "create", "growing_batch_sizes"]

@@ -74,6 +74,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._joined_received: torch.Tensor | None = None
         self._decayed: torch.Tensor | None = None  # g + wd x, when some group has weight decay
         self._pending = None  # adapt-while-combine: the gossip of x^{k+1} in flight between steps
+        self.fresh = True  # the next step is the recursion's first (set again by reset_state)
 
     # --- what subclasses use ------------------------------------------------------------------
 
@@ -93,6 +94,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         (default: a buffer reused every step, the size of the parameters)."""
         out = self._received if out is None else out
         return self.schedule.plan(self.step_count).start(tensor, out).wait()
+
+    def mix_in_place(self, tensor: torch.Tensor) -> None:
+        """Replace ``tensor`` by this step's plan applied to it; a step whose plan is "nothing"
+        (a local step) costs nothing, not even a copy."""
+        plan = self.schedule.plan(self.step_count)
+        if plan.communicates:
+            tensor.copy_(plan.start(tensor, self._received).wait())
 
     def pack(self, *parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy several flat tensors into one message buffer; returns (message, buffer for its average),
@@ -142,6 +150,22 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         for (a, b), group in zip(self.segments, self.param_groups, strict=True):
             yield group, slice(a, b)
 
+    # --- what outer loops (SlowMo, BMUF) use ---------------------------------------------------
+
+    def set_parameters(self, values: torch.Tensor) -> None:
+        """Overwrite the model with ``values`` (a flat tensor) between steps, e.g. with the average at
+        the end of an outer round. Communication in flight is finished and discarded first."""
+        self.synchronize()
+        self.x.copy_(values)
+
+    def reset_state(self) -> None:
+        """Restart the recursion from the current parameters: zero every buffer, and the next step
+        is treated as the first (e.g. D² and gradient tracking take their first-step form again)."""
+        self.synchronize()
+        for buffer in self.buffers.values():
+            buffer.zero_()
+        self.fresh = True
+
     # --- torch.optim interface ----------------------------------------------------------------
 
     @torch.no_grad()
@@ -153,6 +177,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._step()
         self.step_count += 1
+        self.fresh = False
         return loss
 
     def _step(self) -> None:
@@ -177,7 +202,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["decentralized"] = {"step": self.step_count,
+        state["decentralized"] = {"step": self.step_count, "fresh": self.fresh,
                                   "buffers": {name: t.detach().clone() for name, t in self.buffers.items()}}
         return state
 
@@ -197,3 +222,4 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"buffer {name!r} has {saved.numel()} elements, the parameters {self.x.numel()}")
             self.buffers[name].copy_(saved)
         self.step_count = int(ours["step"])
+        self.fresh = bool(ours.get("fresh", self.step_count == 0))

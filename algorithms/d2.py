@@ -67,7 +67,7 @@ class D2(DecentralizedOptimizer):
             else:
                 d = g[s]
             d2_combination(self.x[s], b["previous_x"][s], d, b["previous_direction"][s], group["lr"],
-                           self.step_count == 0, self._combined[s])
+                           self.fresh, self._combined[s])
             b["previous_direction"][s].copy_(d)
         b["previous_x"].copy_(self.x)
         self.x.copy_(self.communicate(self._combined))

@@ -36,4 +36,4 @@ class DmSGD(DecentralizedOptimizer):
         m = self.buffers["momentum_buffer"]
         for group, s in self.groups():
             dmsgd_update(self.x[s], m[s], g[s], group["lr"], group["momentum"])
-        self.x.copy_(self.communicate(self.x))
+        self.mix_in_place(self.x)

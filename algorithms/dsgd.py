@@ -47,7 +47,7 @@ class DSGD(DecentralizedOptimizer):
         if self.form == "atc":
             for group, s in self.groups():
                 dsgd_atc(self.x[s], g[s], group["lr"])
-            self.x.copy_(self.communicate(self.x))
+            self.mix_in_place(self.x)
             return
         mixed = self.mixed_parameters()
         for group, s in self.groups():

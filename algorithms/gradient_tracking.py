@@ -29,7 +29,7 @@ class GradientTracking(DecentralizedOptimizer):
         g = self.gradient()
         b = self.buffers
         y = b["tracker"]
-        if self.step_count == 0:
+        if self.fresh:
             y.copy_(g)
         else:
             torch.add(b["mixed_tracker"], g, out=y).sub_(b["previous_gradient"])  # y^k = W y^{k-1} + g^k - g^{k-1}

@@ -6,15 +6,18 @@ from collections.abc import Callable
 from functools import partial
 
 from algorithms.awc_dmsgd import AWCDmSGD
+from algorithms.cr_psgd import CRPSGD, CRPSGDCatalyst
 from algorithms.d2 import D2
 from algorithms.da_dmsgd import DADmSGD
 from algorithms.decentlam import DecentLaM
 from algorithms.dmsgd import DmSGD
 from algorithms.dsgd import DSGD
 from algorithms.gradient_tracking import GradientTracking
+from algorithms.local_sgd import LocalSGD
 from algorithms.pmsgd import PmSGD
 from algorithms.qg_dmsgd import QGDmSGD
 from algorithms.sgp import SGP
+from algorithms.slowmo import BMUF, MAVG, SlowMo
 
 _REGISTRY: dict[str, Callable] = {
     "dsgd": partial(DSGD, form="atc"),
@@ -28,7 +31,14 @@ _REGISTRY: dict[str, Callable] = {
     "d2": D2,
     "gradient-tracking": GradientTracking,
     "sgp": SGP,
+    "local-sgd": LocalSGD,
+    "mavg": MAVG,
+    "bmuf": BMUF,
+    "slowmo": SlowMo,
+    "cr-psgd": CRPSGD,
+    "cr-psgd-catalyst": CRPSGDCatalyst,
 }
+OUTER = ("mavg", "bmuf", "slowmo", "cr-psgd", "cr-psgd-catalyst")  # not usable as another's base
 
 
 def available() -> list[str]:

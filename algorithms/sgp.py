@@ -57,6 +57,19 @@ class SGP(DecentralizedOptimizer):
         self._mass.copy_(mixed_mass)
         torch.div(numerator, self._mass, out=self.x)  # z = x / w: what the model computes with
 
+    def set_parameters(self, values: torch.Tensor) -> None:
+        """z = values on every rank: push-sum restarts from numerator = values, mass = 1 (the masses
+        still sum to n, so nothing is lost)."""
+        super().set_parameters(values)
+        self.buffers["numerator"].copy_(values)
+        self._mass.fill_(1.0)
+
+    def reset_state(self) -> None:
+        """Zero the momentum; numerator = z, mass = 1."""
+        super().reset_state()
+        self.buffers["numerator"].copy_(self.x)
+        self._mass.fill_(1.0)
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["decentralized"]["mass"] = self.mass

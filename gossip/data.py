@@ -12,7 +12,10 @@ Each returns ``Split(x_train, y_train, x_test, y_test)`` as float32/int64 tensor
 every rank for the same seed. ``partition()`` splits the training indices across ranks, iid or
 label-skewed with Dirichlet(α) class proportions (Hsu, Qi, Brown, arXiv 1909.06335, 2019): small α
 gives each rank a few dominant classes, the heterogeneity the decentralized analyses call b².
-``BatchStream`` then draws one rank's mini-batches from its shard, reshuffling every local epoch.
+``BatchStream`` then draws one rank's mini-batches from its shard, reshuffling every local epoch;
+its batch size may change from one batch to the next. ``ScheduledBatchSampler`` does the same for a
+``torch.utils.data.DataLoader``: a batch sampler whose batch t has a size fixed in advance (e.g. the
+growing batches of CR-PSGD), so the loader's worker processes stay alive while the size changes.
 """
 
 from __future__ import annotations
@@ -128,6 +131,11 @@ def partition(labels: np.ndarray | torch.Tensor, parts: int, alpha: float | None
                      f"{min_size} samples; raise alpha or lower min_size")
 
 
+def _permutation(samples: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(samples, generator=generator)
+
+
 class BatchStream:
     """One rank's endless mini-batches from its shard: reshuffled every local epoch, resumable.
 
@@ -156,8 +164,7 @@ class BatchStream:
         self._batch_size = value
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.x), generator=generator)
+        return _permutation(len(self.x), self.seed, epoch)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         taken, needed = [], self._batch_size
@@ -179,3 +186,45 @@ class BatchStream:
         self.seed, self.batch_size = int(state["seed"]), int(state["batch_size"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+class ScheduledBatchSampler(torch.utils.data.Sampler):
+    """A ``DataLoader`` batch sampler whose t-th batch has ``batch_sizes[t]`` indices.
+
+    Indices run through a fresh permutation of ``range(samples)`` every epoch (as
+    :class:`BatchStream`: a batch that crosses an epoch's end continues in the next permutation,
+    so every batch has its full size even when it is larger than the data). Pass it as
+    ``DataLoader(dataset, batch_sampler=sampler, num_workers=k, persistent_workers=True)``: the
+    sizes are fixed in advance, so prefetching workers never see a wrong size and are never
+    re-created. ``start_step`` resumes at batch ``start_step`` with the same indices an
+    uninterrupted run would draw.
+    """
+
+    def __init__(self, samples: int, batch_sizes, seed: int = 0, start_step: int = 0) -> None:
+        self.batch_sizes = [int(b) for b in batch_sizes]
+        if samples < 1:
+            raise ValueError(f"need at least one sample, got {samples}")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"every batch size must be >= 1, got {min(self.batch_sizes)}")
+        if not 0 <= start_step <= len(self.batch_sizes):
+            raise ValueError(f"start_step {start_step} is outside 0..{len(self.batch_sizes)}")
+        self.samples, self.seed, self.start_step = samples, seed, start_step
+
+    def __len__(self) -> int:
+        return len(self.batch_sizes) - self.start_step
+
+    def __iter__(self):
+        skipped = sum(self.batch_sizes[:self.start_step])
+        epoch, position = divmod(skipped, self.samples)
+        order = _permutation(self.samples, self.seed, epoch)
+        for size in self.batch_sizes[self.start_step:]:
+            taken = []
+            while size:
+                piece = order[position: position + size]
+                taken.append(piece)
+                size -= len(piece)
+                position += len(piece)
+                if position == self.samples:
+                    epoch, position = epoch + 1, 0
+                    order = _permutation(self.samples, self.seed, epoch)
+            yield torch.cat(taken).tolist()

@@ -140,24 +140,36 @@ class NoCommunication(Schedule):
 
 
 class PeriodicGlobalAverage(Schedule):
-    """``base``'s plan, except that every ``every``-th step ((k + 1) mod H = 0) is an exact global
-    average: Gossip-PGA (Chen, Yuan et al., "Accelerating Gossip SGD with Periodic Global
-    Averaging", ICML 2021) over any gossip schedule, or K-step averaging over :class:`NoCommunication`.
+    """``base``'s plan, except that some steps are an exact global average (allreduce mean).
+
+    The first ``warmup_steps`` steps all average; after them every ``every``-th step does
+    ((k − warm-up + 1) mod H = 0; ``every`` None: never). Over a gossip schedule this is Gossip-PGA
+    (Chen, Yuan et al., "Accelerating Gossip SGD with Periodic Global Averaging", ICML 2021); over
+    :class:`NoCommunication` it is K-step averaging (local SGD), with the warm-up of post-local SGD.
     """
 
-    def __init__(self, base: Schedule, every: int) -> None:
-        if not isinstance(every, int) or every < 1:
+    def __init__(self, base: Schedule, every: int | None, warmup_steps: int = 0) -> None:
+        if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"the global averaging period H must be an int >= 1, got {every!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.base = base
         self.every = every
+        self.warmup_steps = warmup_steps
+
+    def averages(self, step: int) -> bool:
+        """Whether step ``step`` is an exact global average."""
+        if step < self.warmup_steps:
+            return True
+        return self.every is not None and (step - self.warmup_steps + 1) % self.every == 0
 
     def plan(self, step: int) -> Plan:
-        if (step + 1) % self.every == 0:
-            return AllreduceSchedule._plan
-        return self.base.plan(step)
+        return AllreduceSchedule._plan if self.averages(step) else self.base.plan(step)
 
     def describe(self) -> str:
-        return f"{self.base.describe()}, global average every {self.every} steps"
+        warmup = f", every step for the first {self.warmup_steps}" if self.warmup_steps else ""
+        period = f"every {self.every} steps" if self.every is not None else "never after the warm-up"
+        return f"{self.base.describe()}, global average {period}{warmup}"
 
 
 class PushSumSchedule(Schedule):

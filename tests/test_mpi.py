@@ -20,6 +20,8 @@ CASES = [
     ("dynamic_families.py", 8, None),
     ("algorithms_sync.py", 1, None), ("algorithms_sync.py", 4, None), ("algorithms_sync.py", 8, None),
     ("algorithms_sync.py", 4, MPI_MESSAGES),
+    ("algorithms_periodic.py", 1, None), ("algorithms_periodic.py", 4, None), ("algorithms_periodic.py", 8, None),
+    ("algorithms_periodic.py", 5, MPI_MESSAGES),
     ("runtime_services.py", 1, None), ("runtime_services.py", 4, None), ("runtime_services.py", 3, MPI_MESSAGES),
     ("bad_input.py", 2, None), ("bad_input.py", 4, None), ("bad_input.py", 5, None), ("bad_input.py", 4, MPI_MESSAGES),
 ]
