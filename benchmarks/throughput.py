@@ -5,7 +5,8 @@ model of adjustable size (``--width`` sweeps the communication/computation ratio
 run, one after the other on the same ranks:
 
 * gossip: ``--algorithm`` (default ``dmsgd``) on each ``--topology`` (default one-peer
-  exponential-2 and static exponential-2);
+  exponential-2 and static exponential-2); or a periodic-averaging method (``local-sgd``,
+  ``mavg``, ``bmuf``/``slowmo`` over ``--base``) with ``--period``;
 * PmSGD: allreduce of the fused gradient over ``gossip.allreduce`` (the Horovod way);
 * PyTorch ``DistributedDataParallel`` on the gloo backend, its process group initialised from
   the MPI ranks (rank 0's address and a free port are broadcast over MPI).
@@ -124,17 +125,31 @@ def main() -> int:
     parser.add_argument("--num-iters", type=int, default=10)
     parser.add_argument("--algorithm", default="dmsgd")
     parser.add_argument("--topology", default="one-peer-exp2,exp2", help="comma-separated topology names")
+    parser.add_argument("--period", type=int, help="local-sgd, mavg, bmuf, slowmo: steps between exact averages")
+    parser.add_argument("--base", default="local-sgd", help="slowmo, bmuf: the base algorithm")
     parser.add_argument("--no-ddp", action="store_true", help="skip the DistributedDataParallel baseline")
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gossip.init()
     n = gossip.size()
+    if args.algorithm.startswith("cr-psgd"):
+        raise SystemExit("throughput.py: cr-psgd changes its batch size every step; one step at a given batch costs "
+                         "what pmsgd's does. Its gain is fewer rounds: see benchmarks/dynamic_batch.py")
+    hyper = {"lr": 0.01}
+    if args.algorithm in ("slowmo", "bmuf"):
+        hyper["base"] = args.base
+    if args.period is not None:
+        hyper["period"] = args.period
+    runs = args.algorithm if args.algorithm not in ("slowmo", "bmuf") else args.base
+    gossip_free = runs in ("local-sgd", "mavg", "pmsgd")
+    label = args.algorithm + (f" over {args.base}" if "base" in hyper else "") + (
+        f", period {args.period}" if args.period else "")
     results = []
-    for name in args.topology.split(","):
-        topology = topologies.by_name(name, n)
-        results.append(measure(f"{args.algorithm} on {name}", args, lambda m, t=topology: (
-            m, optimizer_step(algorithms.create(args.algorithm, m.parameters(), lr=0.01, topology=t)))))
+    for name in [None] if gossip_free else args.topology.split(","):
+        comm = {} if name is None else {"topology": topologies.by_name(name, n)}
+        results.append(measure(label + ("" if name is None else f" on {name}"), args, lambda m, c=comm: (
+            m, optimizer_step(algorithms.create(args.algorithm, m.parameters(), **hyper, **c)))))
     results.append(measure("PmSGD (gossip.allreduce)", args, lambda m: (
         m, optimizer_step(algorithms.create("pmsgd", m.parameters(), lr=0.01)))))
     if not args.no_ddp:
@@ -147,14 +162,15 @@ def main() -> int:
 
         results.append(measure("DDP (gloo)", args, ddp))
     if gossip.rank() == 0:
-        baselines = [r for r in results if not r["method"].startswith(args.algorithm + " on")]
+        baselines = results[-2:] if not args.no_ddp else results[-1:]
         print(f"\n{args.model} width {args.width}: {results[0]['parameters']:,} parameters, batch {args.batch_size} "
               f"per rank, {n} ranks")
-        print(f"{'method':<32}{'samples/s per rank':>22}" + "".join(f"{'÷ ' + b['method'][:14]:>20}"
+        wide = max(32, *(len(r["method"]) + 2 for r in results))
+        print(f"{'method':<{wide}}{'samples/s per rank':>22}" + "".join(f"{'÷ ' + b['method'][:14]:>20}"
                                                                      for b in baselines))
         for r in results:
             cell = f"{r['per_rank_mean']:.1f} ± {r['per_rank_ci']:.1f}"
-            print(f"{r['method']:<32}{cell:>22}" + "".join(f"{r['per_rank_mean'] / b['per_rank_mean']:>20.2f}"
+            print(f"{r['method']:<{wide}}{cell:>22}" + "".join(f"{r['per_rank_mean'] / b['per_rank_mean']:>20.2f}"
                                                          for b in baselines))
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

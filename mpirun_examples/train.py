@@ -23,14 +23,22 @@ import time
 
 import torch
 import torch.nn.functional as F
-from train_support import Log, Progress, check_settings, evaluate, load_dataset, make_model, make_topology, parse_args
+from train_support import (
+    Log,
+    Progress,
+    check_settings,
+    epoch_steps,
+    evaluate,
+    load_dataset,
+    make_model,
+    optimizer_settings,
+    parse_args,
+)
 
 import algorithms
 import gossip
 from gossip import checkpoint, timeline
 from gossip.data import BatchStream, partition
-
-WITHOUT_MOMENTUM = ("dsgd", "dsgd-awc", "gradient-tracking")  # these take no --momentum
 
 
 def main() -> int:
@@ -52,11 +60,14 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     model = make_model(args, data).to(device)
-    hyper = {"lr": args.lr, "weight_decay": args.weight_decay, "topology": make_topology(args, n),
-             "global_avg_every": args.global_avg_every}
-    if args.algorithm not in WITHOUT_MOMENTUM:
-        hyper["momentum"] = args.momentum
-    optimizer = algorithms.create(args.algorithm, model.parameters(), **hyper)  # broadcasts rank 0's model
+    hyper = optimizer_settings(args, n, steps_per_epoch * args.batch_size)
+    try:
+        optimizer = algorithms.create(args.algorithm, model.parameters(), **hyper)  # broadcasts rank 0's model
+    except ValueError as error:
+        raise SystemExit(f"train.py: {args.algorithm}: {error}") from error
+    # Per-step batch sizes: fixed, or CR-PSGD's growing ones within the same per-rank sample budget.
+    batch_sizes = getattr(optimizer, "batch_sizes", [args.batch_size] * (steps_per_epoch * args.epochs))
+    epochs = epoch_steps(batch_sizes, steps_per_epoch * args.batch_size, args.epochs)
 
     start_epoch, records = 0, []
     if args.resume and (saved := checkpoint.load(args.checkpoint_dir)) is not None:
@@ -71,14 +82,18 @@ def main() -> int:
     log = Log(args.log_dir, vars(args), records)
     progress = Progress(args.progress)
     if rank == 0:
-        print(f"{args.algorithm} on {args.topology if hyper['topology'] is not None else 'allreduce'}, {n} ranks, "
-              f"{args.dataset}: {len(data.x_train)} training samples, {args.batch_size} per rank per step, "
-              f"{steps_per_epoch} steps per epoch, {optimizer.x.numel():,} parameters")
+        plan = optimizer.describe() if hasattr(optimizer, "describe") else optimizer.schedule.describe()
+        batches = (f"{args.batch_size} per rank per step" if len(set(batch_sizes)) == 1 else
+                   f"batches growing {batch_sizes[0]} -> {batch_sizes[-1]} per rank")
+        print(f"{args.algorithm}: {plan}; {n} ranks, {args.dataset}: {len(data.x_train)} training samples, "
+              f"{batches}, {len(batch_sizes)} steps, {optimizer.x.numel():,} parameters")
 
     for epoch in range(start_epoch, args.epochs):
         began, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         gossip.reset_waited()
-        for step in range(steps_per_epoch):
+        steps = epochs[epoch]
+        for step in steps:
+            stream.batch_size = batch_sizes[step]
             x, y = stream.next()
             optimizer.zero_grad()
             with timeline.span("forward"):
@@ -89,20 +104,20 @@ def main() -> int:
                 optimizer.step()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"rank {rank}: the loss is {loss.item()} at epoch {epoch + 1}, step "
-                                         f"{step + 1}: training diverged (lower --lr?)")
+                                         f"{step - steps.start + 1}: training diverged (lower --lr?)")
             loss_sum += loss.detach()
-            progress.update(epoch, args.epochs, step + 1, steps_per_epoch, loss)
+            progress.update(epoch, args.epochs, step - steps.start + 1, len(steps), loss)
         progress.clear()
         seconds, waited = time.perf_counter() - began, gossip.waited_seconds()
         if not torch.isfinite(optimizer.x).all():
             raise FloatingPointError(f"rank {rank}: NaN/Inf in the parameters after epoch {epoch + 1}")
-        if hasattr(optimizer, "synchronize"):
-            optimizer.synchronize()
-        metrics = evaluate(model, optimizer.x, data, device)
-        means = gossip.allreduce(torch.tensor([loss_sum.item() / steps_per_epoch, waited / seconds]), "mean")
-        log.add({"epoch": epoch + 1, "train_loss": means[0].item(), **metrics,
-                 "samples_per_second": n * steps_per_epoch * args.batch_size / seconds,
-                 "communication_share": means[1].item()})
+        optimizer.synchronize()
+        if steps:  # with growing batches (cr-psgd) an epoch may hold no step of its own: nothing to log
+            metrics = evaluate(model, optimizer.x, data, device)
+            means = gossip.allreduce(torch.tensor([loss_sum.item() / len(steps), waited / seconds]), "mean")
+            log.add({"epoch": epoch + 1, "train_loss": means[0].item(), **metrics,
+                     "samples_per_second": n * sum(batch_sizes[t] for t in steps) / seconds,
+                     "communication_share": means[1].item(), "steps": steps.stop})
         if args.checkpoint_dir and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
             checkpoint.save(args.checkpoint_dir, epoch + 1, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "data": stream.state_dict(),

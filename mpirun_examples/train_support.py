@@ -25,8 +25,13 @@ DEFAULTS = {
     "batch_size": 32, "epochs": 20, "global_avg_every": None, "seed": 0, "dataset": "digits", "alpha": None,
     "samples": 20000, "features": 64, "model": "mlp", "hidden": 64, "checkpoint_dir": None, "checkpoint_every": 1,
     "resume": False, "timeline": None, "device": "cpu", "log_dir": "results/train", "op_timeout": 300.0,
-    "progress": True,
+    "progress": True, "period": None, "base": "local-sgd", "slow_lr": None, "slow_momentum": None,
+    "warmup_steps": 0, "batch_growth": 2.0,
 }
+GOSSIP_FREE = ("pmsgd", "local-sgd", "mavg", "cr-psgd", "cr-psgd-catalyst")  # these take no --topology
+WITHOUT_MOMENTUM = ("dsgd", "dsgd-awc", "gradient-tracking", "mavg", "cr-psgd-catalyst")  # nor --momentum
+OUTER = ("slowmo", "bmuf")  # these run --base between their averages
+PERIODIC = ("local-sgd", "mavg", *OUTER)  # these take --period
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="per rank")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--global-avg-every", type=int, help="Gossip-PGA: exact average every H steps")
+    parser.add_argument("--period", type=int, help="local-sgd, mavg, bmuf, slowmo: steps between exact averages")
+    parser.add_argument("--base", help="slowmo, bmuf: the base algorithm run between averages (default local-sgd)")
+    parser.add_argument("--slow-lr", type=float, help="slowmo: slow lr alpha; bmuf: block lr zeta")
+    parser.add_argument("--slow-momentum", type=float, help="slowmo: beta; bmuf: block momentum eta; mavg: mu")
+    parser.add_argument("--warmup-steps", type=int, help="local-sgd: average after every one of the first steps")
+    parser.add_argument("--batch-growth", type=float, help="cr-psgd(-catalyst): batch growth rho > 1 "
+                        "(first batch --batch-size; budget --epochs of samples)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--dataset", help="digits | mnist1d | synthetic | module:function returning gossip.data.Split")
     parser.add_argument("--alpha", type=float, help="Dirichlet label skew across ranks (default: iid)")
@@ -96,6 +108,17 @@ def check_settings(args: argparse.Namespace, n: int) -> None:
         problems.append(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.batch_size < 1 or args.epochs < 1:
         problems.append(f"--batch-size and --epochs must be >= 1, got {args.batch_size} and {args.epochs}")
+    if args.algorithm in OUTER and (args.base in OUTER or args.base in ("mavg", "cr-psgd", "cr-psgd-catalyst")
+                                    or args.base not in algorithms.available()):
+        problems.append(f"--base must be a single-level algorithm (local-sgd, dsgd, dmsgd, sgp, pmsgd, ...), "
+                        f"got {args.base!r}")
+    if args.global_avg_every is not None and _base(args) in GOSSIP_FREE:
+        problems.append(f"--global-avg-every is for gossip algorithms; {_base(args)} does not gossip "
+                        "(local-sgd and mavg average every --period steps)")
+    if args.period is not None and (args.algorithm not in PERIODIC or args.period < 1):
+        problems.append(f"--period is an int >= 1 for {', '.join(PERIODIC)}; got {args.period} for {args.algorithm}")
+    if args.algorithm.startswith("cr-psgd") and not args.batch_growth > 1:
+        problems.append(f"--batch-growth must be > 1, got {args.batch_growth}")
     if args.resume and not args.checkpoint_dir:
         problems.append("--resume needs --checkpoint-dir")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -104,9 +127,52 @@ def check_settings(args: argparse.Namespace, n: int) -> None:
         raise SystemExit("train.py: " + "; ".join(problems))
 
 
+def _base(args: argparse.Namespace) -> str:
+    """The algorithm that runs every step: --base for slowmo and bmuf, else --algorithm."""
+    return args.base if args.algorithm in OUTER else args.algorithm
+
+
+def optimizer_settings(args: argparse.Namespace, n: int, samples_per_epoch: int) -> dict:
+    """The keyword arguments of ``algorithms.create(args.algorithm, ...)`` for these settings
+    (``samples_per_epoch``: per rank, CR-PSGD's budget is --epochs of them)."""
+    hyper = {"lr": args.lr, "weight_decay": args.weight_decay}
+    base = _base(args)
+    if base not in GOSSIP_FREE:
+        hyper["topology"] = make_topology(args, n)
+        if args.global_avg_every is not None:
+            hyper["global_avg_every"] = args.global_avg_every
+    if base not in WITHOUT_MOMENTUM:
+        hyper["momentum"] = args.momentum
+    if args.algorithm in OUTER:
+        hyper["base"] = args.base
+    if args.algorithm in PERIODIC and args.period is not None:
+        hyper["period"] = args.period
+    if args.algorithm in OUTER and args.slow_lr is not None:
+        hyper["slow_lr"] = args.slow_lr
+    if args.algorithm in (*OUTER, "mavg") and args.slow_momentum is not None:
+        hyper["slow_momentum"] = args.slow_momentum
+    if args.algorithm == "local-sgd" and args.warmup_steps:
+        hyper["warmup_steps"] = args.warmup_steps
+    if args.algorithm.startswith("cr-psgd"):
+        hyper.update(budget=args.epochs * samples_per_epoch, first_batch=args.batch_size, growth=args.batch_growth)
+    return hyper
+
+
+def epoch_steps(batch_sizes: list[int], samples_per_epoch: int, epochs: int) -> list[range]:
+    """The steps of each epoch: step t belongs to the epoch in which its first sample falls (with
+    growing batches a late epoch may have no step of its own)."""
+    bounds, consumed, epoch = [0] * (epochs + 1), 0, 0
+    for t, size in enumerate(batch_sizes):
+        while epoch < epochs - 1 and consumed >= (epoch + 1) * samples_per_epoch:
+            epoch += 1
+            bounds[epoch] = t
+        consumed += size
+    for later in range(epoch + 1, epochs + 1):
+        bounds[later] = len(batch_sizes)
+    return [range(bounds[e], bounds[e + 1]) for e in range(epochs)]
+
+
 def make_topology(args: argparse.Namespace, n: int):
-    if args.algorithm == "pmsgd":
-        return None
     try:
         return topologies.by_name(args.topology, n, seed=args.seed, local_size=gossip.local_size())
     except ValueError as error:
