@@ -83,10 +83,11 @@ def main() -> int:
     progress = Progress(args.progress)
     if rank == 0:
         plan = optimizer.describe() if hasattr(optimizer, "describe") else optimizer.schedule.describe()
+        where = f" on {args.topology}" if "topology" in hyper else ""
         batches = (f"{args.batch_size} per rank per step" if len(set(batch_sizes)) == 1 else
-                   f"batches growing {batch_sizes[0]} -> {batch_sizes[-1]} per rank")
-        print(f"{args.algorithm}: {plan}; {n} ranks, {args.dataset}: {len(data.x_train)} training samples, "
-              f"{batches}, {len(batch_sizes)} steps, {optimizer.x.numel():,} parameters")
+                   f"batches growing {batch_sizes[0]} -> {max(batch_sizes)} per rank")
+        print(f"{args.algorithm}{where}, {n} ranks, {args.dataset}: {len(data.x_train)} training samples, {batches}, "
+              f"{len(batch_sizes)} steps, {optimizer.x.numel():,} parameters\ncommunication: {plan}")
 
     for epoch in range(start_epoch, args.epochs):
         began, loss_sum = time.perf_counter(), torch.zeros((), device=device)

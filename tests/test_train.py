@@ -79,7 +79,7 @@ def test_config_file_and_logs(tmp_path):
     done = _run(["--config", str(config), "--no-progress", "--log-dir", str(tmp_path), "--epochs", "3",
                  "--timeline", str(tmp_path / "trace.json")])
     assert done.returncode == 0, done.stdout[-4000:]
-    assert "decentlam on exp2, 4 ranks" in done.stdout
+    assert "decentlam on exp2, 4 ranks" in done.stdout and "communication: static graph" in done.stdout
     lines = (tmp_path / "log.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,train_loss,test_accuracy_averaged") and len(lines) == 4  # --epochs 3 wins
     assert (tmp_path / "curves.png").stat().st_size > 0
@@ -92,6 +92,10 @@ def test_config_file_and_logs(tmp_path):
     (["--lr", "-0.1"], "--lr must be positive"),
     (["--dataset", "nowhere"], "unknown --dataset 'nowhere'"),
     (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--algorithm", "dmsgd", "--period", "4"], "--period is an int >= 1 for local-sgd"),
+    (["--algorithm", "local-sgd", "--global-avg-every", "4"], "local-sgd does not gossip"),
+    (["--algorithm", "slowmo", "--base", "mavg"], "--base must be a single-level algorithm"),
+    (["--algorithm", "cr-psgd", "--batch-growth", "1"], "--batch-growth must be > 1"),
 ])
 def test_bad_settings_fail_before_training(args, message):
     done = _run([*args, "--no-progress"], np=3, timeout=120)
@@ -104,3 +108,16 @@ def test_divergence_is_reported_with_the_step(tmp_path):
     done = _run(["--lr", "1e6", "--momentum", "0.99", "--no-progress", "--log-dir", str(tmp_path)], np=2)
     assert done.returncode != 0
     assert "training diverged" in done.stdout or "NaN/Inf in the parameters" in done.stdout, done.stdout[-3000:]
+
+
+def test_periodic_averaging_and_growing_batches_train(tmp_path):
+    for args, expect in ((["--algorithm", "slowmo", "--base", "dsgd", "--topology", "ring", "--period", "6",
+                           "--slow-momentum", "0.5", "--lr", "0.3", "--epochs", "3"], "SlowMo every 6 steps over dsgd"),
+                         (["--algorithm", "cr-psgd", "--batch-size", "8", "--batch-growth", "1.2", "--lr", "0.5",
+                           "--epochs", "6"],
+                          "batches growing 8 -> ")):
+        done = _run([*args, "--no-progress", "--log-dir", str(tmp_path)])
+        assert done.returncode == 0, done.stdout[-4000:]
+        assert expect in done.stdout, done.stdout[-3000:]
+        records = __import__("json").loads((tmp_path / "log.json").read_text())["epochs"]
+        assert records and records[-1]["test_accuracy_averaged"] > 0.5, records[-1]
