@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_support import final_measurements, mlp
 
 import algorithms
 import gossip
@@ -66,21 +67,11 @@ def make_topology(name: str, n: int, self_weight: float):
     raise ValueError(f"unknown topology {name!r}")
 
 
-def mlp(features: int, hidden: int, classes: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(),
-                               torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
-
-
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up to ``peak`` over ``warmup`` steps, then ×0.1 at 50% and again at 75% of training."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * (0.1 ** ((step >= steps // 2) + (step >= 3 * steps // 4)))
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 def run(label: str, args, data: Split, shard: np.ndarray, topology, per_rank_batch: int, seed: int) -> dict:
@@ -112,21 +103,10 @@ def run(label: str, args, data: Split, shard: np.ndarray, topology, per_rank_bat
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    if hasattr(opt, "synchronize"):
-        opt.synchronize()
+    opt.synchronize()
     seconds = time.perf_counter() - started
-    flat = opt.x.detach().clone()
-    own_accuracy = accuracy(model, data.x_test, data.y_test)
-    mean = gossip.allreduce(flat, "mean")
-    consensus = gossip.allreduce((flat - mean).square().sum().reshape(1), "mean").item()
-    with torch.no_grad():
-        opt.x.copy_(mean)
-        averaged_accuracy = accuracy(model, data.x_test, data.y_test)
-        train_loss = float(F.cross_entropy(model(data.x_train), data.y_train))
-    own_mean = gossip.allreduce(torch.tensor([own_accuracy]), "mean").item()
     return {"method": label, "seed": seed, "per_rank_batch": per_rank_batch, "total_batch": total_batch,
-            "steps": steps, "peak_lr": peak, "averaged_accuracy": averaged_accuracy, "rank_accuracy": own_mean,
-            "train_loss": train_loss, "consensus_distance": consensus, "seconds": seconds}
+            "steps": steps, "peak_lr": peak, **final_measurements(model, opt, data), "seconds": seconds}
 
 
 def summarise(results: list[dict], key: str, scale: float = 100.0, fmt: str = "{:6.2f} ± {:4.2f}") -> list[str]:
