@@ -184,7 +184,7 @@ def main() -> int:
     parser.add_argument("--experiment", choices=["mavg", "slowmo", "all"], default="all")
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--batch-size", type=int, default=8, help="per rank")
-    parser.add_argument("--lrs", default="0.025,0.05,0.1,0.2,0.4",
+    parser.add_argument("--lrs", default="0.025,0.05,0.1,0.2,0.4,0.8",
                         help="lrs tried for the baseline (K-AVG, the bare base) on the first seed; the best is used")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--periods", default="2,4,8,16", help="mavg: the K values")
