@@ -36,9 +36,12 @@ from gossip.handles import Handle
 from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
 from gossip.schedule import Plan, Schedule, schedule_for
 from gossip.waiting import OpTimeoutError, op_timeout, reset_waited, set_op_timeout, waited_seconds
+from gossip.window import Window, open_windows
 
 __all__ = [
     "OpTimeoutError",
+    "Window",
+    "open_windows",
     "checkpoint",
     "data",
     "op_timeout",

@@ -161,6 +161,10 @@ def shutdown() -> None:
     global _runtime
     if _runtime is None:
         return
+    from gossip import window
+
+    for open_window in list(window._open.values()):  # windows live on the runtime's communicator
+        open_window.free()
     rt, _runtime = _runtime, None
     timeline.stop()
     rt.topology.free()

@@ -23,6 +23,7 @@ CASES = [
     ("algorithms_periodic.py", 1, None), ("algorithms_periodic.py", 4, None), ("algorithms_periodic.py", 8, None),
     ("algorithms_periodic.py", 5, MPI_MESSAGES),
     ("runtime_services.py", 1, None), ("runtime_services.py", 4, None), ("runtime_services.py", 3, MPI_MESSAGES),
+    ("windows.py", 1, None), ("windows.py", 4, None), ("windows.py", 5, None),
     ("bad_input.py", 2, None), ("bad_input.py", 4, None), ("bad_input.py", 5, None), ("bad_input.py", 4, MPI_MESSAGES),
 ]
 
@@ -32,7 +33,7 @@ def test_under_mpirun(script: str, np: int, env: dict | None) -> None:
     run_mpi(SCRIPTS / script, np, env=env)
 
 
-CUDA_CASES = [("neighbor_static.py", 2), ("neighbor_dynamic.py", 4), ("collectives.py", 2)]
+CUDA_CASES = [("neighbor_static.py", 2), ("neighbor_dynamic.py", 4), ("collectives.py", 2), ("windows.py", 2)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
