@@ -1,0 +1,132 @@
+"""Parameter-server update rules for asynchronous SGD: ASGD, naive ASGDm and ordered momentum (OrMo).
+
+The server holds w; K workers each repeatedly receive (w, t') and return (g, t'), g = ∇f(w; ξ) at
+the parameters of server iteration t'. The server applies every gradient the moment it arrives
+(no barrier) and replies to that worker with (w, t + 1). These classes are that update, on flat
+tensors, one call per arriving gradient: ``rule.apply(w, g, ite)`` with ``ite`` the iteration
+index the gradient was computed at; they record the staleness ``t − ite`` of every update.
+
+* **ASGD**: w ← w − η g.
+* **Naive ASGDm**: u ← β u + η g ; w ← w − u, in arrival order (stale gradients get momentum as if
+  fresh; known to slow down or diverge).
+* **OrMo** (Shi, Yang, Li, "Ordered Momentum for Asynchronous SGD", NeurIPS 2024; seed 001):
+  gradients are grouped by iteration index, group(ite) = ⌈ite/K⌉ (group 0: the K gradients at
+  w⁰). I is the latest group, u⁰ = 0, I⁰ = 0. At server iteration t = 0, 1, 2, …: if ⌈t/K⌉ > I,
+  then w ← w − β u ; u ← β u ; I ← I + 1. Then for the arriving (g, ite), δ = I − group(ite) ≥ 0:
+  u ← u + β^δ η g ; w ← w − ((1 − β^{δ+1})/(1 − β)) η g. A gradient that arrives late is weighted
+  as if it had been in momentum since its group: β^δ in u, and the δ + 1 decayed steps it missed
+  applied to w at once. [confirm] The rounding: with t counted from 0 (t ∈ [T] = {0, …, T − 1})
+  the rule reduces to SGD with heavy-ball momentum (u ← β u + η g ; w ← w − u) for K = 1, as the
+  paper states; counted from 1, it would not (checked in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ServerRule:
+    """One asynchronous server's update: ``apply(w, g, ite)`` per arriving gradient (in place on w)."""
+
+    def __init__(self, lr: float, momentum: float = 0.0) -> None:
+        if not lr > 0 or not 0 <= momentum < 1:
+            raise ValueError(f"need lr > 0 and momentum in [0, 1), got {lr} and {momentum}")
+        self.lr, self.momentum = lr, momentum
+        self.t = 0  # server iterations so far: the index of the next update
+        self.staleness: list[int] = []  # t − ite of every update, in order
+
+    def apply(self, w: torch.Tensor, g: torch.Tensor, ite: int) -> int:
+        """Fold the gradient ``g`` computed at iteration ``ite`` into ``w``; returns the iteration
+        index of the new parameters (t + 1), what the server sends back with them."""
+        if not 0 <= ite <= self.t:
+            raise ValueError(f"gradient of iteration {ite} arrived at server iteration {self.t}: "
+                             "an iteration index from the future or negative")
+        self.staleness.append(self.t - ite)
+        self._update(w, g, ite)
+        self.t += 1
+        return self.t
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, ite: int) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "staleness": list(self.staleness)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t, self.staleness = int(state["t"]), list(state["staleness"])
+
+
+class ASGD(ServerRule):
+    """w ← w − η g."""
+
+    def _update(self, w, g, ite) -> None:
+        w.add_(g, alpha=-self.lr)
+
+
+class NaiveASGDm(ServerRule):
+    """u ← β u + η g ; w ← w − u, in arrival order."""
+
+    def __init__(self, lr: float, momentum: float = 0.9) -> None:
+        super().__init__(lr, momentum)
+        self.u: torch.Tensor | None = None
+
+    def _update(self, w, g, ite) -> None:
+        if self.u is None:
+            self.u = torch.zeros_like(w)
+        self.u.mul_(self.momentum).add_(g, alpha=self.lr)
+        w.sub_(self.u)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "u": None if self.u is None else self.u.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.u = None if state["u"] is None else state["u"].clone()
+
+
+class OrMo(ServerRule):
+    """Ordered momentum over ``workers`` = K asynchronous workers (module docstring)."""
+
+    def __init__(self, lr: float, momentum: float = 0.9, workers: int = 1) -> None:
+        super().__init__(lr, momentum)
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers (K) must be an int >= 1, got {workers!r}")
+        self.workers = workers
+        self.latest_group = 0  # I
+        self.u: torch.Tensor | None = None
+
+    def group(self, ite: int) -> int:
+        """The gradient group of iteration index ``ite``: ⌈ite/K⌉."""
+        return -(-ite // self.workers)
+
+    def _update(self, w, g, ite) -> None:
+        beta, lr = self.momentum, self.lr
+        if self.u is None:
+            self.u = torch.zeros_like(w)
+        if self.group(self.t) > self.latest_group:  # a new group starts: shift the momentum
+            w.sub_(self.u, alpha=beta)
+            self.u.mul_(beta)
+            self.latest_group += 1
+        delay = self.latest_group - self.group(ite)
+        if delay < 0:
+            raise ValueError(f"gradient of group {self.group(ite)} is newer than the latest group {self.latest_group}")
+        self.u.add_(g, alpha=beta**delay * lr)
+        caught_up = (1 - beta ** (delay + 1)) / (1 - beta) if beta else 1.0
+        w.sub_(g, alpha=caught_up * lr)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "latest_group": self.latest_group,
+                "u": None if self.u is None else self.u.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.latest_group = int(state["latest_group"])
+        self.u = None if state["u"] is None else state["u"].clone()
+
+
+def staleness_summary(rule: ServerRule) -> dict:
+    """Mean and max staleness of the updates so far."""
+    s = rule.staleness
+    return {"updates": len(s), "mean": (sum(s) / len(s)) if s else math.nan, "max": max(s, default=0)}
