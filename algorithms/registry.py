@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from algorithms.async_sgd import AsynchronousSGD
 from algorithms.awc_dmsgd import AWCDmSGD
 from algorithms.cr_psgd import CRPSGD, CRPSGDCatalyst
 from algorithms.d2 import D2
@@ -37,8 +38,12 @@ _REGISTRY: dict[str, Callable] = {
     "slowmo": SlowMo,
     "cr-psgd": CRPSGD,
     "cr-psgd-catalyst": CRPSGDCatalyst,
+    "asgd": partial(AsynchronousSGD, rule="asgd"),
+    "asgdm": partial(AsynchronousSGD, rule="asgdm"),
+    "ormo": partial(AsynchronousSGD, rule="ormo"),
 }
-OUTER = ("mavg", "bmuf", "slowmo", "cr-psgd", "cr-psgd-catalyst")  # not usable as another's base
+# not usable as another algorithm's base
+OUTER = ("mavg", "bmuf", "slowmo", "cr-psgd", "cr-psgd-catalyst", "asgd", "asgdm", "ormo")
 
 
 def available() -> list[str]:

@@ -108,6 +108,9 @@ def check_settings(args: argparse.Namespace, n: int) -> None:
         problems.append(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.batch_size < 1 or args.epochs < 1:
         problems.append(f"--batch-size and --epochs must be >= 1, got {args.batch_size} and {args.epochs}")
+    if args.algorithm in ("asgd", "asgdm", "ormo"):
+        problems.append(f"{args.algorithm} trains through a parameter server (one server rank, the others "
+                        "workers); train.py does not drive that yet: see algorithms/async_sgd.py")
     if args.algorithm in OUTER and (args.base in OUTER or args.base in ("mavg", "cr-psgd", "cr-psgd-catalyst")
                                     or args.base not in algorithms.available()):
         problems.append(f"--base must be a single-level algorithm (local-sgd, dsgd, dmsgd, sgp, pmsgd, ...), "

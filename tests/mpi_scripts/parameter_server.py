@@ -1,0 +1,110 @@
+"""Asynchronous parameter-server SGD over real MPI: the server's updates, replayed in NumPy from the
+recorded arrivals (worker, iteration index, gradient), follow each rule's equations; K = 1 OrMo is
+momentum SGD; staleness is recorded; a slow worker does not hold the others back."""
+
+import time
+
+import numpy as np
+import torch
+from _common import WORLD
+
+import algorithms
+import gossip
+
+N = WORLD.size
+R = WORLD.rank
+UPDATES = 30
+
+
+def _model():
+    torch.manual_seed(R)  # different per rank: the optimizer broadcasts rank 0's
+    return torch.nn.Linear(4, 3).double()
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(100 * R + step)
+    return torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+
+
+def _train(name: str, hyper: dict, slow_worker: int | None = None):
+    """Run ``name`` to UPDATES updates; on the server return (w⁰, final w, arrivals), else None."""
+    model = _model()
+    opt = algorithms.create(name, model.parameters(), **hyper)
+    if N < 2:
+        return None
+    if opt.is_server:
+        start, arrivals = opt.x.clone().numpy(), []
+        opt.serve(UPDATES, on_update=lambda w, g, ite, worker: arrivals.append((worker, ite, g.numpy().copy())))
+        return start, opt.x.clone().numpy(), arrivals, opt.rule
+    step = 0
+    while not opt.stopped:
+        if R == slow_worker:
+            time.sleep(0.05)
+        x, y = _batch(step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        step += 1
+    return None
+
+
+def _replay(name, start, arrivals, lr, beta, workers):
+    w, u, latest = start.copy(), np.zeros_like(start), 0
+    for t, (_, ite, g) in enumerate(arrivals):
+        if name == "asgd":
+            w = w - lr * g
+        elif name == "asgdm":
+            u = beta * u + lr * g
+            w = w - u
+        else:
+            if -(-t // workers) > latest:
+                w, u, latest = w - beta * u, beta * u, latest + 1
+            delay = latest - -(-ite // workers)
+            assert delay >= 0
+            u = u + beta**delay * lr * g
+            w = w - (1 - beta ** (delay + 1)) / (1 - beta) * lr * g
+    return w
+
+
+def test_server_updates_follow_the_rules():
+    if N < 2:
+        try:
+            algorithms.create("ormo", _model().parameters(), lr=0.1)
+        except ValueError as error:
+            assert "at least 2 ranks" in str(error)
+            return
+        raise AssertionError("a one-rank parameter server was accepted")
+    for name in ("asgd", "asgdm", "ormo"):
+        hyper = {"lr": 0.1, "momentum": 0.8}
+        result = _train(name, hyper)
+        if result is not None:
+            start, final, arrivals, rule = result
+            assert len(arrivals) == UPDATES
+            expected = _replay(name, start, arrivals, 0.1, 0.8, N - 1)
+            assert np.allclose(final, expected, atol=1e-12), f"{name}: off by {np.abs(final - expected).max()}"
+            assert rule.staleness == [t - ite for t, (_, ite, _) in enumerate(arrivals)]
+            if N > 2:  # all workers start at index 0 and only one can be first: someone is stale
+                assert max(rule.staleness) >= 1
+            if N == 2:  # one worker: every gradient is fresh and OrMo is momentum SGD
+                assert rule.staleness == [0] * UPDATES
+                if name == "ormo":
+                    w, u = start.copy(), np.zeros_like(start)
+                    for _, _, g in arrivals:
+                        u = 0.8 * u + 0.1 * g
+                        w = w - u
+                    assert np.allclose(final, w, atol=1e-12)
+        gossip.barrier()
+
+
+def test_a_slow_worker_does_not_hold_back_the_others():
+    if N < 3:
+        return
+    result = _train("ormo", {"lr": 0.05, "momentum": 0.9}, slow_worker=1)
+    if result is not None:
+        _, _, arrivals, rule = result
+        counts = {w: sum(1 for a in arrivals if a[0] == w) for w in range(1, N)}
+        fast = [counts[w] for w in range(2, N)]
+        assert counts[1] < min(fast), counts  # the fast workers kept going
+        slow = [s for s, a in zip(rule.staleness, arrivals, strict=True) if a[0] == 1]
+        assert all(s >= 1 for s in slow[1:]), slow  # what the slow worker sends is always stale
+    gossip.barrier()
