@@ -39,6 +39,20 @@ def start_job(np: int, command: list[str], env: dict[str, str] | None = None,
                             stderr=subprocess.STDOUT, text=True, env=job_env, start_new_session=True)
 
 
+def run_job(np: int, command: list[str], timeout: float, env: dict[str, str] | None = None,
+            what: str = "the job") -> subprocess.CompletedProcess:
+    """Run ``command`` on ``np`` ranks (:func:`start_job`) to completion; a job still running after
+    ``timeout`` seconds is killed and fails the calling test with the tail of its output."""
+    proc = start_job(np, command, env)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{what} was still running after {timeout:.0f} s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, output)
+
+
 def run_mpi(script: Path, np: int, timeout: float = 240.0, env: dict[str, str] | None = None) -> None:
     """Run ``script``'s tests on ``np`` ranks; fail the calling pytest test with every rank's
     failures, a missing rank or test, a non-zero exit, or a timeout (the job is then killed)."""

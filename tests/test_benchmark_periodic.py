@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.mpi_harness import REPO, start_job
+from tests.mpi_harness import REPO, run_job
 
 
 def _run(script: str, args: list[str], timeout: float = 240) -> str:
-    proc = start_job(4, [sys.executable, str(REPO / "benchmarks" / script), *args])
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{script} timed out:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
-    return output
+    done = run_job(4, [sys.executable, str(REPO / "benchmarks" / script), *args], timeout, what=script)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return done.stdout
 
 
 def test_mavg_and_slowmo_tables(tmp_path: Path) -> None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.mpi_harness import REPO, start_job
+from tests.mpi_harness import REPO, run_job
 
 SCRIPT = REPO / "benchmarks" / "throughput.py"
 
@@ -21,14 +18,9 @@ def test_gossip_and_both_allreduce_baselines_in_one_run(tmp_path: Path) -> None:
     args = ["--model", "mlp", "--width", "64", "--batch-size", "8", "--num-warmup-batches", "2",
             "--num-batches-per-iter", "2", "--num-iters", "3", "--topology", "one-peer-exp2,ring",
             "--out", str(tmp_path)]
-    proc = start_job(4, [sys.executable, str(SCRIPT), *args])
-    try:
-        output, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"throughput.py timed out:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    done = run_job(4, [sys.executable, str(SCRIPT), *args], 180, what="throughput.py")
+    output = done.stdout
+    assert done.returncode == 0, output[-4000:]
     methods = ["dmsgd on one-peer-exp2", "dmsgd on ring", "PmSGD (gossip.allreduce)", "DDP (gloo)"]
     for method in methods:
         line = re.search(re.escape(method) + r": samples/sec per rank: ([\d.]+) \+- ([\d.]+); "

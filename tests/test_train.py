@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.mpi_harness import REPO, start_job
+from tests.mpi_harness import REPO, run_job, start_job
 
 TRAIN = REPO / "mpirun_examples" / "train.py"
 FAST = ["--epochs", "5", "--batch-size", "16", "--no-progress", "--algorithm", "awc-dmsgd", "--topology", "ring",
@@ -22,14 +22,7 @@ def _start(args: list[str], np: int = 4) -> subprocess.Popen:
 
 
 def _run(args: list[str], np: int = 4, timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = _start(args, np)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"train.py {args} timed out:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, output)
+    return run_job(np, [sys.executable, str(TRAIN), *args], timeout, what=f"train.py {args}")
 
 
 def _final_state(directory: Path, epoch: int, rank: int) -> dict:
