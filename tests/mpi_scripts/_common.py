@@ -23,6 +23,18 @@ class Skip(Exception):
     """Raise in a test function to mark it skipped on this rank."""
 
 
+def expect_error(call, *fragments: str, error: type[Exception] = ValueError) -> str:
+    """Call ``call``; it must raise ``error`` with every fragment in its message (returned)."""
+    try:
+        call()
+    except error as raised:
+        text = str(raised)
+        for fragment in fragments:
+            assert fragment in text, f"rank {WORLD.rank}: expected {fragment!r} in the error:\n{text}"
+        return text
+    raise AssertionError(f"rank {WORLD.rank}: no {error.__name__} raised (expected {fragments})")
+
+
 def device() -> torch.device:
     """The device tests put tensors on: ``GOSSIP_TEST_DEVICE`` (cpu by default)."""
     name = os.environ.get("GOSSIP_TEST_DEVICE", "cpu")

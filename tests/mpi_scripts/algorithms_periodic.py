@@ -10,8 +10,8 @@ import itertools
 
 import numpy as np
 import torch
-from _common import WORLD
-from algorithms_sync import TOL, gather, loss_of, make_model, mixing, reference
+from _common import WORLD, expect_error
+from algorithms_sync import TOL, check_round_trip, gather, loss_of, make_model, mixing, reference, trajectory
 
 import algorithms
 import gossip
@@ -159,17 +159,8 @@ def test_slowmo_bmuf_mavg_follow_their_equations():
     check_outer("mavg", {"lr": 0.1, "period": 1, "slow_momentum": 0.3}, base_hyper={"weight_decay": 1e-3})
 
 
-def _trajectory(name, hyper, steps=9):
-    model = make_model(seed=2)
-    opt = algorithms.create(name, model.parameters(), **hyper)
-    out = []
-    for k in range(steps):
-        opt.zero_grad()
-        loss_of(model, k).backward()
-        opt.step()
-        out.append(opt.x.clone())
-    opt.synchronize()
-    return out
+def _trajectory(name, hyper):
+    return trajectory(name, hyper, steps=9, seed=2)
 
 
 def _close(a_list, b_list, what):
@@ -205,31 +196,7 @@ def test_state_dict_round_trip_mid_period_is_bitwise():
                         ("mavg", {"lr": 0.1, "period": 4}),
                         ("local-sgd", {"lr": 0.1, "period": 4, "momentum": 0.9}),
                         ("cr-psgd-catalyst", {"lr": 0.1, "budget": 49 * N, "first_batch": 1, "growth": 1.5})):
-        model = make_model(seed=5)
-        opt = algorithms.create(name, model.parameters(), **hyper)
-        for k in range(6):  # mid-round: periods of 3 and 4, catalyst rounds of 4 steps ([1, 1, 2, 3])
-            opt.zero_grad()
-            loss_of(model, k).backward()
-            opt.step()
-        saved_model = {key: v.clone() for key, v in model.state_dict().items()}
-        saved_opt = opt.state_dict()
-        continued = []
-        for k in range(6, 11):
-            opt.zero_grad()
-            loss_of(model, k).backward()
-            opt.step()
-            continued.append(opt.x.clone())
-        opt.synchronize()
-        fresh_model = make_model(seed=6)
-        fresh = algorithms.create(name, fresh_model.parameters(), **hyper)
-        fresh_model.load_state_dict(saved_model)
-        fresh.load_state_dict(saved_opt)
-        for k in range(6, 11):
-            fresh.zero_grad()
-            loss_of(fresh_model, k).backward()
-            fresh.step()
-            assert torch.equal(fresh.x, continued[k - 6]), f"{name}: resumed step {k} differs"
-        fresh.synchronize()
+        check_round_trip(name, hyper, 6, 11)  # mid-round: periods 3 and 4, catalyst rounds of 4 steps
 
 
 def _growing_batch(step: int, size: int):
@@ -281,27 +248,19 @@ def test_cr_psgd_and_catalyst_follow_their_equations():
                 raise AssertionError(f"{name} stepped past its sample budget")
 
 
-def _expect(call, match):
-    try:
-        call()
-    except ValueError as error:
-        assert match in str(error), str(error)
-    else:
-        raise AssertionError(f"no error for {match}")
-
-
 def test_bad_configuration_is_refused_clearly():
     params = lambda: make_model().parameters()  # noqa: E731
-    _expect(lambda: algorithms.create("slowmo", params(), lr=0.1, period=0), "period")
-    _expect(lambda: algorithms.create("slowmo", params(), lr=0.1, slow_momentum=1.0), "slow_momentum")
-    _expect(lambda: algorithms.create("slowmo", params(), lr=0.1, base="bmuf"), "single-level")
-    _expect(lambda: algorithms.create("slowmo", params(), lr=0.1, base="nope"), "unknown algorithm")
-    _expect(lambda: algorithms.create("slowmo", params(), lr=0.1, base_buffers="keep"), "base_buffers")
-    _expect(lambda: algorithms.create("local-sgd", params(), lr=0.1, topology=topologies.ring(N)), "does not gossip")
-    _expect(lambda: algorithms.create("local-sgd", params(), lr=0.1, warmup_steps=-1), "warmup_steps")
-    _expect(lambda: algorithms.create("mavg", params(), lr=0.1, topology=topologies.ring(N)), "does not gossip")
-    _expect(lambda: algorithms.create("cr-psgd", params(), lr=0.1, budget=100, growth=1.0), "rho")
-    _expect(lambda: algorithms.create("cr-psgd", params(), lr=0.1, budget=4, first_batch=8), "budget")
-    _expect(lambda: algorithms.create("cr-psgd-catalyst", params(), lr=0.1, budget=10 * N, first_batch=8),
+    expect_error(lambda: algorithms.create("slowmo", params(), lr=0.1, period=0), "period")
+    expect_error(lambda: algorithms.create("slowmo", params(), lr=0.1, slow_momentum=1.0), "slow_momentum")
+    expect_error(lambda: algorithms.create("slowmo", params(), lr=0.1, base="bmuf"), "single-level")
+    expect_error(lambda: algorithms.create("slowmo", params(), lr=0.1, base="nope"), "unknown algorithm")
+    expect_error(lambda: algorithms.create("slowmo", params(), lr=0.1, base_buffers="keep"), "base_buffers")
+    expect_error(lambda: algorithms.create("local-sgd", params(), lr=0.1, topology=topologies.ring(N)),
+                 "does not gossip")
+    expect_error(lambda: algorithms.create("local-sgd", params(), lr=0.1, warmup_steps=-1), "warmup_steps")
+    expect_error(lambda: algorithms.create("mavg", params(), lr=0.1, topology=topologies.ring(N)), "does not gossip")
+    expect_error(lambda: algorithms.create("cr-psgd", params(), lr=0.1, budget=100, growth=1.0), "rho")
+    expect_error(lambda: algorithms.create("cr-psgd", params(), lr=0.1, budget=4, first_batch=8), "budget")
+    expect_error(lambda: algorithms.create("cr-psgd-catalyst", params(), lr=0.1, budget=10 * N, first_batch=8),
             "below the first batch")
-    _expect(lambda: gossip.data.ScheduledBatchSampler(10, [4, 0]), "batch size")
+    expect_error(lambda: gossip.data.ScheduledBatchSampler(10, [4, 0]), "batch size")

@@ -210,36 +210,60 @@ def test_gossip_pga_replaces_every_h_th_step_with_a_global_average():
     check("d2", {"lr": 0.05}, topologies.lazy(topologies.ring(N)), every=3)
 
 
-def _trajectory(name, hyper, steps=5, **comm):
-    model = make_model(seed=3)
-    opt = algorithms.create(name, model.parameters(), **hyper, **comm)
+def train_steps(opt, model, steps) -> list[torch.Tensor]:
+    """Take the steps ``steps`` (step indices: each picks its batch); the parameters after each."""
     out = []
-    for k in range(steps):
+    for k in steps:
         opt.zero_grad()
         loss_of(model, k).backward()
         opt.step()
         out.append(opt.x.clone())
-    if hasattr(opt, "synchronize"):
-        opt.synchronize()
     return out
+
+
+def trajectory(name, hyper, steps=5, seed=3, **comm):
+    model = make_model(seed=seed)
+    opt = algorithms.create(name, model.parameters(), **hyper, **comm)
+    out = train_steps(opt, model, range(steps))
+    opt.synchronize()
+    return out
+
+
+def check_round_trip(name, hyper, saved_after: int, end: int) -> None:
+    """Train to step ``saved_after``, save the model's and optimizer's state, go on to ``end``; a
+    fresh model and optimizer loaded from the saved state must repeat those steps bitwise."""
+    model = make_model(seed=5)
+    opt = algorithms.create(name, model.parameters(), **hyper)
+    train_steps(opt, model, range(saved_after))
+    saved_model = {key: v.clone() for key, v in model.state_dict().items()}
+    saved_opt = opt.state_dict()
+    continued = train_steps(opt, model, range(saved_after, end))
+    opt.synchronize()
+    fresh_model = make_model(seed=6)
+    fresh = algorithms.create(name, fresh_model.parameters(), **hyper)
+    fresh_model.load_state_dict(saved_model)  # after construction: the parameters are views of its buffer
+    fresh.load_state_dict(saved_opt)
+    for k, expected in zip(range(saved_after, end), continued, strict=True):
+        assert torch.equal(train_steps(fresh, fresh_model, [k])[0], expected), f"{name}: resumed step {k} differs"
+    fresh.synchronize()
 
 
 def test_special_cases():
     ring = topologies.ring(N)
     # beta = 0: DmSGD is DSGD-ATC (bitwise: m = 0 m + g), DecentLaM too (to round-off: x - (x - Wx_half) = Wx_half).
-    for a, b in zip(_trajectory("dmsgd", {"lr": 0.1, "momentum": 0.0}, topology=ring),
-                    _trajectory("dsgd", {"lr": 0.1}, topology=ring), strict=True):
+    for a, b in zip(trajectory("dmsgd", {"lr": 0.1, "momentum": 0.0}, topology=ring),
+                    trajectory("dsgd", {"lr": 0.1}, topology=ring), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(_trajectory("decentlam", {"lr": 0.1, "momentum": 0.0}, topology=ring),
-                    _trajectory("dsgd", {"lr": 0.1}, topology=ring), strict=True):
+    for a, b in zip(trajectory("decentlam", {"lr": 0.1, "momentum": 0.0}, topology=ring),
+                    trajectory("dsgd", {"lr": 0.1}, topology=ring), strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-5)
     # H = 1: every step is a global average, every rank holds the same model.
-    for x in _trajectory("dsgd", {"lr": 0.1}, topology=ring, global_avg_every=1):
+    for x in trajectory("dsgd", {"lr": 0.1}, topology=ring, global_avg_every=1):
         rows = gather(x)
         assert np.abs(rows - rows[0]).max() < 1e-6
     # Fully connected uniform W: DSGD is parallel SGD (PmSGD without momentum).
-    for a, b in zip(_trajectory("dsgd", {"lr": 0.1}, topology=topologies.fully_connected(N)),
-                    _trajectory("pmsgd", {"lr": 0.1, "momentum": 0.0}), strict=True):
+    for a, b in zip(trajectory("dsgd", {"lr": 0.1}, topology=topologies.fully_connected(N)),
+                    trajectory("pmsgd", {"lr": 0.1, "momentum": 0.0}), strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-5)
 
 
@@ -256,34 +280,7 @@ def test_state_dict_round_trip_mid_run_is_bitwise():
                                   ("gradient-tracking", {"lr": 0.05}, topologies.BaseGraph(N, 1)),
                                   ("sgp", {"lr": 0.05, "momentum": 0.5}, topologies.OnePeerExponentialTwo(N)),
                                   ("pmsgd", {"lr": 0.05, "momentum": 0.9}, None)):
-        comm = {} if topology is None else {"topology": topology}
-        model = make_model(seed=5)
-        opt = algorithms.create(name, model.parameters(), **hyper, **comm)
-        for k in range(3):
-            opt.zero_grad()
-            loss_of(model, k).backward()
-            opt.step()
-        saved_model = {key: v.clone() for key, v in model.state_dict().items()}
-        saved_opt = opt.state_dict()
-        continued = []
-        for k in range(3, 6):
-            opt.zero_grad()
-            loss_of(model, k).backward()
-            opt.step()
-            continued.append(opt.x.clone())
-        if hasattr(opt, "synchronize"):
-            opt.synchronize()
-        fresh_model = make_model(seed=6)
-        fresh = algorithms.create(name, fresh_model.parameters(), **hyper, **comm)
-        fresh_model.load_state_dict(saved_model)  # after construction: the parameters are views of its buffer
-        fresh.load_state_dict(saved_opt)
-        for k in range(3, 6):
-            fresh.zero_grad()
-            loss_of(fresh_model, k).backward()
-            fresh.step()
-            assert torch.equal(fresh.x, continued[k - 3]), f"{name}: resumed step {k} differs"
-        if hasattr(fresh, "synchronize"):
-            fresh.synchronize()
+        check_round_trip(name, {**hyper, **({} if topology is None else {"topology": topology})}, 3, 6)
 
 
 def test_schedules_and_bad_input():

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 import torch
-from _common import WORLD, device
+from _common import WORLD, device, expect_error
 
 import gossip
 import topologies
@@ -16,15 +16,6 @@ R = WORLD.rank
 
 def _value(rank: int, numel: int = 5, dtype=torch.float64) -> torch.Tensor:
     return (torch.arange(numel, dtype=dtype) + 10.0 * rank).to(device())
-
-
-def _expect_error(call, match: str):
-    try:
-        call()
-    except ValueError as error:
-        assert match in str(error), str(error)
-    else:
-        raise AssertionError(f"no error for {match!r}")
 
 
 def test_put_then_update_is_the_weighted_average():
@@ -118,20 +109,20 @@ def test_free_recreate_and_bad_input():
     x = _value(R)
     win = gossip.Window(x, "again")
     assert "again" in gossip.open_windows()
-    _expect_error(lambda: win.put(torch.zeros(3, dtype=torch.float64)), "holds 5 elements")
+    expect_error(lambda: win.put(torch.zeros(3, dtype=torch.float64)), "holds 5 elements")
     if gossip.out_neighbors() != list(range(N)) and N > 1:
         outsider = next(d for d in range(N) if d not in gossip.out_neighbors())
-        _expect_error(lambda: win.put(dst_weights={outsider: 1.0}), "are not out-neighbours")
+        expect_error(lambda: win.put(dst_weights={outsider: 1.0}), "are not out-neighbours")
     win.free()
     win.free()  # idempotent
     assert "again" not in gossip.open_windows()
-    _expect_error(lambda: win.update(), "has been freed")
+    expect_error(lambda: win.update(), "has been freed")
     with gossip.Window(x, "again") as again:  # the name is free again
         again.put()
-    _expect_error(lambda: gossip.Window(x, ""), "non-empty string name")
-    _expect_error(lambda: gossip.Window(torch.zeros(4, dtype=torch.int64), "ints"), "not supported")
+    expect_error(lambda: gossip.Window(x, ""), "non-empty string name")
+    expect_error(lambda: gossip.Window(torch.zeros(4, dtype=torch.int64), "ints"), "not supported")
     if N > 1:
         shape = 5 if R != N - 1 else 6  # the last rank disagrees: every rank raises, naming the other
-        _expect_error(lambda: gossip.Window(torch.zeros(shape, dtype=torch.float64), "mismatch"), "asked for")
+        expect_error(lambda: gossip.Window(torch.zeros(shape, dtype=torch.float64), "mismatch"), "asked for")
     with gossip.Window(x, "held"):
-        _expect_error(lambda: gossip.Window(x, "held"), "already open")
+        expect_error(lambda: gossip.Window(x, "held"), "already open")
