@@ -30,6 +30,7 @@ tensors are staged through host memory. Supported dtypes: float32 and float64.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -116,23 +117,19 @@ class Window:
             flat = flat.to("cpu")
         return flat.contiguous().numpy()
 
+    @contextlib.contextmanager
     def _own_lock(self):
         """Guard the owner's own reads and writes of its window memory: the exclusive lock on itself
         with the mutex; otherwise a memory barrier (the job-long shared epoch covers the rest)."""
-        window, rank, mutex = self._win, self.rank, self.mutex
-
-        class _Guard:
-            def __enter__(self_inner):
-                if mutex:
-                    window.Lock(rank, MPI.LOCK_EXCLUSIVE)
-                window.Sync()
-
-            def __exit__(self_inner, *exc):
-                window.Sync()
-                if mutex:
-                    window.Unlock(rank)
-
-        return _Guard()
+        if self.mutex:
+            self._win.Lock(self.rank, MPI.LOCK_EXCLUSIVE)
+        self._win.Sync()
+        try:
+            yield
+        finally:
+            self._win.Sync()
+            if self.mutex:
+                self._win.Unlock(self.rank)
 
     def _weights(self, weights: Mapping[int, float] | None, allowed: list[int], what: str) -> dict[int, float]:
         if weights is None:
