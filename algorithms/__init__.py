@@ -6,6 +6,8 @@ builds one by name; ``available()`` lists the names. Equations: ``../shared/ALGO
 each module's docstring.
 """
 
+from algorithms.adpsgd import AsynchronousGossipSGD
+from algorithms.async_sgd import AsynchronousSGD
 from algorithms.awc_dmsgd import AWCDmSGD
 from algorithms.base import DecentralizedOptimizer
 from algorithms.cr_psgd import CRPSGD, CRPSGDCatalyst, growing_batch_sizes
@@ -22,6 +24,6 @@ from algorithms.registry import available, create
 from algorithms.sgp import SGP
 from algorithms.slowmo import BMUF, MAVG, OuterMomentum, SlowMo
 
-__all__ = ["AWCDmSGD", "BMUF", "CRPSGD", "CRPSGDCatalyst", "D2", "DADmSGD", "DSGD", "DecentLaM",
-           "DecentralizedOptimizer", "DmSGD", "GradientTracking", "LocalSGD", "MAVG", "OuterMomentum", "PmSGD",
-           "QGDmSGD", "SGP", "SlowMo", "available", "create", "growing_batch_sizes"]
+__all__ = ["AWCDmSGD", "AsynchronousGossipSGD", "AsynchronousSGD", "BMUF", "CRPSGD", "CRPSGDCatalyst", "D2",
+           "DADmSGD", "DSGD", "DecentLaM", "DecentralizedOptimizer", "DmSGD", "GradientTracking", "LocalSGD", "MAVG",
+           "OuterMomentum", "PmSGD", "QGDmSGD", "SGP", "SlowMo", "available", "create", "growing_batch_sizes"]

@@ -1,4 +1,4 @@
-"""Asynchronous SGD with a parameter server (seed 001): ASGD, naive ASGDm and OrMo over MPI.
+"""Asynchronous SGD with a parameter server (seed 001): ASGD, naive ASGDm, OrMo and OrMo-DA over MPI.
 
 One rank (``server``, default 0) holds the model and applies gradients in arrival order with a
 rule of :mod:`algorithms.server_rules`; every other rank is a worker that computes a gradient at
@@ -21,16 +21,16 @@ Weight decay is added to the worker's gradient. The learning rate is read from
 from __future__ import annotations
 
 from algorithms.base import DecentralizedOptimizer, check_rates
-from algorithms.server_rules import ASGD, NaiveASGDm, OrMo
+from algorithms.server_rules import ASGD, NaiveASGDm, OrMo, OrMoDA
 from gossip import context
 from gossip.parameter_server import ParameterServer
 from gossip.schedule import NoCommunication
 
-RULES = {"asgd": ASGD, "asgdm": NaiveASGDm, "ormo": OrMo}
+RULES = {"asgd": ASGD, "asgdm": NaiveASGDm, "ormo": OrMo, "ormo-da": OrMoDA}
 
 
 class AsynchronousSGD(DecentralizedOptimizer):
-    """Parameter-server asynchronous SGD; ``rule`` is ``asgd``, ``asgdm`` or ``ormo``."""
+    """Parameter-server asynchronous SGD; ``rule`` is ``asgd``, ``asgdm``, ``ormo`` or ``ormo-da``."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, rule: str = "ormo",
                  server: int = 0, topology=None) -> None:
@@ -43,8 +43,12 @@ class AsynchronousSGD(DecentralizedOptimizer):
                          schedule=NoCommunication())
         self.server = ParameterServer(self.x, server)
         workers = context.size() - 1
-        self.rule = ASGD(lr) if rule == "asgd" else (NaiveASGDm(lr, momentum) if rule == "asgdm"
-                                                       else OrMo(lr, momentum, workers=workers))
+        if rule == "asgd":
+            self.rule = ASGD(lr)
+        elif rule == "asgdm":
+            self.rule = NaiveASGDm(lr, momentum)
+        else:
+            self.rule = RULES[rule](lr, momentum, workers=workers)
         self.ite: int | None = None  # the iteration index of the parameters a worker holds
 
     @property

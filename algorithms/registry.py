@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from algorithms.adpsgd import AsynchronousGossipSGD
 from algorithms.async_sgd import AsynchronousSGD
 from algorithms.awc_dmsgd import AWCDmSGD
 from algorithms.cr_psgd import CRPSGD, CRPSGDCatalyst
@@ -41,9 +42,11 @@ _REGISTRY: dict[str, Callable] = {
     "asgd": partial(AsynchronousSGD, rule="asgd"),
     "asgdm": partial(AsynchronousSGD, rule="asgdm"),
     "ormo": partial(AsynchronousSGD, rule="ormo"),
+    "ormo-da": partial(AsynchronousSGD, rule="ormo-da"),
+    "adpsgd": AsynchronousGossipSGD,
 }
 # not usable as another algorithm's base
-OUTER = ("mavg", "bmuf", "slowmo", "cr-psgd", "cr-psgd-catalyst", "asgd", "asgdm", "ormo")
+OUTER = ("mavg", "bmuf", "slowmo", "cr-psgd", "cr-psgd-catalyst", "asgd", "asgdm", "ormo", "ormo-da", "adpsgd")
 
 
 def available() -> list[str]:

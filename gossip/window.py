@@ -6,9 +6,10 @@ on one machine) holding, on every rank:
 
 * slot 0: the owner's *published* copy of its tensor (set at creation and by :meth:`Window.update`;
   what neighbours read with :meth:`Window.get`);
-* slot k + 1: the buffer of in-neighbour ``in_neighbors[k]`` of the runtime's static topology
-  (what it :meth:`Window.put` or :meth:`Window.accumulate` here, or what :meth:`Window.get` fetched
-  from it), initialised to the owner's tensor;
+* slot k + 1: the buffer of in-neighbour k (in rank order) of the window's graph (what it
+  :meth:`Window.put` or :meth:`Window.accumulate` here, or what :meth:`Window.get` fetched from
+  it), initialised to the owner's tensor. The graph is the runtime's static topology unless
+  ``graph=`` names another, e.g. the union of a time-varying family's graphs;
 * one int64 version counter per rank: how many writes arrived from it since the owner last read.
 
 All access is passive-target RMA, so a put completes without the target calling MPI (on one
@@ -23,8 +24,9 @@ before they return.
 
 Weights: ``dst_weights`` (put/accumulate) scale what is sent to each out-neighbour (default 1);
 ``src_weights`` (get) scale what is fetched; :meth:`update` folds the buffers into the tensor as
-``x ← self_weight·x + Σ_j src_weights[j]·buffer_j`` (defaults: the static topology's weights),
-writes the result into the tensor in place, publishes it and resets the version counters. CUDA
+``x ← self_weight·x + Σ_j src_weights[j]·buffer_j`` (defaults: the window graph's weights),
+writes the result into the tensor in place, publishes it and resets the version counters;
+:meth:`Window.update_arrived` folds only the buffers written since the last update, uniformly. CUDA
 tensors are staged through host memory. Supported dtypes: float32 and float64.
 """
 
@@ -33,12 +35,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 
+import networkx as nx
 import numpy as np
 import torch
 from mpi4py import MPI
 
 from gossip import context
 from gossip.handles import Handle
+from topologies.weights import with_weights
 
 _DTYPES = {torch.float32: (np.float32, MPI.FLOAT), torch.float64: (np.float64, MPI.DOUBLE)}
 _open: dict[str, Window] = {}
@@ -51,32 +55,49 @@ def _sources_of(graph, rank: int) -> list[int]:
 class Window:
     """A tensor's one-sided window: neighbours put/accumulate into it; the owner folds them in."""
 
-    def __init__(self, tensor: torch.Tensor, name: str, *, mutex: bool = False) -> None:
+    def __init__(self, tensor: torch.Tensor, name: str, *, mutex: bool = False,
+                 graph: nx.DiGraph | None = None) -> None:
         runtime = context.current()
         comm, rank = runtime.comm, runtime.rank
         if not isinstance(name, str) or not name:
             raise ValueError(f"rank {rank}: a window needs a non-empty string name, got {name!r}")
-        problem = None
+        problem, edges = None, None
         if name in _open:
             problem = f"a window named {name!r} is already open (free it first)"
         elif tensor.dtype not in _DTYPES:
             problem = f"dtype {tensor.dtype} is not supported by windows (float32 or float64)"
-        described = (name, tuple(tensor.shape), str(tensor.dtype), bool(mutex), problem)
+        elif graph is not None:
+            try:
+                graph = with_weights(graph)
+                if graph.number_of_nodes() != runtime.size:
+                    raise ValueError(f"it has {graph.number_of_nodes()} nodes for {runtime.size} ranks")
+                edges = sorted((int(j), int(i), float(d["weight"])) for j, i, d in graph.edges(data=True))
+            except (TypeError, ValueError) as error:
+                problem = f"window {name!r}: invalid graph: {error}"
+        described = (name, tuple(tensor.shape), str(tensor.dtype), bool(mutex), edges, problem)
         everyone = comm.allgather(described)  # collective: every rank learns every rank's request
-        for r, (other_name, shape, dtype, other_mutex, other_problem) in enumerate(everyone):
+        for r, (other_name, shape, dtype, other_mutex, other_edges, other_problem) in enumerate(everyone):
             if other_problem is not None:
                 raise ValueError(f"rank {r}: {other_problem}")
             if (other_name, shape, dtype, other_mutex) != described[:4]:
                 raise ValueError(f"rank {rank}: Window({name!r}) got shape {tuple(tensor.shape)}, {tensor.dtype}, "
                                  f"mutex={mutex}, but rank {r} asked for {other_name!r} with shape {shape}, {dtype}, "
                                  f"mutex={other_mutex}: every rank must create the same windows in the same order")
-        graph = runtime.topology.graph
+            if other_edges != edges:
+                raise ValueError(f"rank {rank}: Window({name!r}): rank {r} passed a different graph: "
+                                 "every rank must give the same one")
+        if graph is None:
+            graph = runtime.topology.graph
+            self._self_weight = runtime.topology.self_weight
+            self._src_weights = dict(zip(runtime.topology.sources, runtime.topology.src_weights, strict=True))
+        else:
+            self._self_weight = float(graph[rank][rank]["weight"]) if graph.has_edge(rank, rank) else 0.0
+            self._src_weights = {j: float(graph[j][rank]["weight"]) for j in _sources_of(graph, rank)}
         self.name, self.tensor, self.mutex = name, tensor, mutex
         self.rank = rank
-        self.sources = list(runtime.topology.sources)
-        self.destinations = list(runtime.topology.destinations)
-        self._self_weight = runtime.topology.self_weight
-        self._src_weights = dict(zip(self.sources, runtime.topology.src_weights, strict=True))
+        self.graph = graph
+        self.sources = _sources_of(graph, rank)
+        self.destinations = sorted(d for d in graph.successors(rank) if d != rank)
         self._np_dtype, self._mpi_dtype = _DTYPES[tensor.dtype]
         self.numel = tensor.numel()
         self._slot_bytes = self.numel * np.dtype(self._np_dtype).itemsize
@@ -138,7 +159,7 @@ class Window:
         if bad:
             raise ValueError(f"rank {self.rank}: window {self.name!r}: {what} {bad} are not "
                              f"{'out' if what == 'destinations' else 'in'}-neighbours of rank {self.rank} in the "
-                             f"static topology ({sorted(allowed)})")
+                             f"window's graph ({sorted(allowed)})")
         return {int(k): float(v) for k, v in weights.items()}
 
     # --- writing into neighbours ------------------------------------------------------------------
@@ -252,6 +273,28 @@ class Window:
         with torch.no_grad():
             self.tensor.copy_(torch.from_numpy(combined).view(self.tensor.shape))
         return self.tensor
+
+    def update_arrived(self) -> list[int]:
+        """Fold in only what arrived since the last update: with A the in-neighbours whose version
+        counter is > 0, ``x ← (x + Σ_{j∈A} buffer_j) / (1 + |A|)`` (nothing changes when A is
+        empty); publish x, reset the counters, and return A. With the mutex a write is folded whole,
+        now or at the next call; without it a write landing during the fold may be folded in part
+        (as any unguarded read), and then counts as folded."""
+        self._check_open()
+        combined = self._scratch
+        with self._own_lock():
+            arrived = [src for src in self.sources if self._all_counters[src] > 0]
+            if not arrived:
+                return []
+            combined[:] = self._host(self.tensor)
+            for src in arrived:
+                combined += self._slots[1 + self.sources.index(src)]
+                self._all_counters[src] = 0
+            combined *= 1.0 / (1 + len(arrived))
+            self._slots[0] = combined
+        with torch.no_grad():
+            self.tensor.copy_(torch.from_numpy(combined).view(self.tensor.shape))
+        return arrived
 
     # --- lifetime ---------------------------------------------------------------------------------
 

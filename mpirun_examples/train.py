@@ -14,6 +14,12 @@ Any option can come from ``--config run.toml`` (or YAML); the command line wins.
 writes a Chrome/Perfetto trace per rank. A stuck communication op aborts the job after
 ``--op-timeout`` seconds; a NaN/Inf loss or parameter stops it, naming the step.
 Your own data: ``--dataset mypackage.mymodule:load`` where ``load()`` returns ``gossip.data.Split``.
+
+Asynchronous training: ``adpsgd`` gossips through one-sided windows without waiting within an
+epoch (epochs end together, for the log). ``asgd``, ``asgdm``, ``ormo`` and ``ormo-da`` train
+through a parameter server: rank 0 serves and logs (its model's training loss and test accuracy,
+the gradients' staleness), the other n − 1 ranks are workers on the data split n − 1 ways; an
+epoch is one pass over the training set by all workers together.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 from train_support import (
+    SERVER_ALGORITHMS,
     Log,
     Progress,
     check_settings,
@@ -33,6 +40,7 @@ from train_support import (
     make_model,
     optimizer_settings,
     parse_args,
+    server_record,
 )
 
 import algorithms
@@ -53,6 +61,8 @@ def main() -> int:
         else torch.device("cpu")
 
     data = load_dataset(args)
+    if args.algorithm in SERVER_ALGORITHMS:
+        return train_with_server(args, data, device)
     shard = partition(data.y_train, n, args.alpha, seed=args.seed)[rank]
     stream = BatchStream(data.x_train[shard].to(device), data.y_train[shard].to(device), args.batch_size,
                          seed=args.seed * 100_003 + rank)
@@ -124,9 +134,60 @@ def main() -> int:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
                 "rng": torch.get_rng_state(), "epoch": epoch + 1, "log": log.records})
 
+    if hasattr(optimizer, "finish"):
+        optimizer.finish(average=False)  # asynchronous gossip: free its window
     if (plot := log.plot()) is not None:
         print(f"wrote {plot.parent}/log.csv, log.json and {plot.name}")
     gossip.shutdown()  # writes the timeline, if any
+    return 0
+
+
+def train_with_server(args, data, device: torch.device) -> int:
+    """Asynchronous SGD with a parameter server: rank 0 applies gradients as they arrive and logs
+    every epoch (``len(train) / batch_size`` updates); ranks 1..n−1 compute gradients on their shards."""
+    n, rank = gossip.size(), gossip.rank()
+    torch.manual_seed(args.seed)
+    model = make_model(args, data).to(device)
+    try:
+        optimizer = algorithms.create(args.algorithm, model.parameters(), **optimizer_settings(args, n, 0))
+    except ValueError as error:
+        raise SystemExit(f"train.py: {args.algorithm}: {error}") from error
+    updates_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
+    log = Log(args.log_dir, vars(args))
+    if optimizer.is_server:
+        print(f"{args.algorithm}: parameter server on rank 0, {n - 1} asynchronous workers, {args.dataset}: "
+              f"{len(data.x_train)} training samples, batch {args.batch_size} per gradient, "
+              f"{updates_per_epoch} updates per epoch, {optimizer.x.numel():,} parameters")
+        began = [time.perf_counter(), 0]  # when the epoch began, and the staleness records it began at
+
+        def end_epoch(epoch: int) -> None:
+            seconds = time.perf_counter() - began[0]
+            staleness = optimizer.rule.staleness[began[1]:]
+            log.add(server_record(model, data, device, epoch, staleness, updates_per_epoch * args.batch_size / seconds))
+            began[:] = [time.perf_counter(), len(optimizer.rule.staleness)]
+
+        def on_update(w, g, ite, worker) -> None:  # before each update: after t updates
+            if optimizer.rule.t and optimizer.rule.t % updates_per_epoch == 0:
+                end_epoch(optimizer.rule.t // updates_per_epoch)
+
+        optimizer.serve(updates=args.epochs * updates_per_epoch, on_update=on_update)
+        end_epoch(args.epochs)
+    else:
+        shard = partition(data.y_train, n - 1, args.alpha, seed=args.seed)[rank - 1]
+        stream = BatchStream(data.x_train[shard].to(device), data.y_train[shard].to(device), args.batch_size,
+                             seed=args.seed * 100_003 + rank)
+        while not optimizer.stopped:
+            x, y = stream.next()
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"rank {rank}: the loss is {loss.item()} at the parameters of server "
+                                         f"iteration {optimizer.ite}: training diverged (lower --lr?)")
+            optimizer.step()
+    if (plot := log.plot()) is not None:
+        print(f"wrote {plot.parent}/log.csv, log.json and {plot.name}")
+    gossip.shutdown()
     return 0
 
 

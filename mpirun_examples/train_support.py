@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import algorithms
 import gossip
@@ -28,8 +29,9 @@ DEFAULTS = {
     "progress": True, "period": None, "base": "local-sgd", "slow_lr": None, "slow_momentum": None,
     "warmup_steps": 0, "batch_growth": 2.0,
 }
-GOSSIP_FREE = ("pmsgd", "local-sgd", "mavg", "cr-psgd", "cr-psgd-catalyst")  # these take no --topology
-WITHOUT_MOMENTUM = ("dsgd", "dsgd-awc", "gradient-tracking", "mavg", "cr-psgd-catalyst")  # nor --momentum
+SERVER_ALGORITHMS = ("asgd", "asgdm", "ormo", "ormo-da")  # rank 0 serves, the others work
+GOSSIP_FREE = ("pmsgd", "local-sgd", "mavg", "cr-psgd", "cr-psgd-catalyst", *SERVER_ALGORITHMS)  # no --topology
+WITHOUT_MOMENTUM = ("dsgd", "dsgd-awc", "gradient-tracking", "mavg", "cr-psgd-catalyst", "asgd")  # nor --momentum
 OUTER = ("slowmo", "bmuf")  # these run --base between their averages
 PERIODIC = ("local-sgd", "mavg", *OUTER)  # these take --period
 
@@ -108,9 +110,11 @@ def check_settings(args: argparse.Namespace, n: int) -> None:
         problems.append(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.batch_size < 1 or args.epochs < 1:
         problems.append(f"--batch-size and --epochs must be >= 1, got {args.batch_size} and {args.epochs}")
-    if args.algorithm in ("asgd", "asgdm", "ormo"):
-        problems.append(f"{args.algorithm} trains through a parameter server (one server rank, the others "
-                        "workers); train.py does not drive that yet: see algorithms/async_sgd.py")
+    if args.algorithm in SERVER_ALGORITHMS and n < 2:
+        problems.append(f"{args.algorithm} trains through a parameter server: it needs at least 2 ranks "
+                        "(rank 0 serves, the others work)")
+    if args.algorithm in SERVER_ALGORITHMS and (args.checkpoint_dir or args.resume):
+        problems.append(f"checkpoints are not supported for parameter-server training ({args.algorithm})")
     if args.algorithm in OUTER and (args.base in OUTER or args.base in ("mavg", "cr-psgd", "cr-psgd-catalyst")
                                     or args.base not in algorithms.available()):
         problems.append(f"--base must be a single-level algorithm (local-sgd, dsgd, dmsgd, sgp, pmsgd, ...), "
@@ -236,6 +240,20 @@ def evaluate(model: torch.nn.Module, flat: torch.Tensor, data: Split, device: to
     return {"test_accuracy_averaged": averaged, "test_accuracy_rank0": own, "consensus_distance": consensus}
 
 
+@torch.no_grad()
+def server_record(model: torch.nn.Module, data: Split, device: torch.device, epoch: int, staleness: list[int],
+                  samples_per_second: float) -> dict:
+    """The parameter server's log record for an epoch: its model's training loss and test accuracy
+    (local, no communication), and the staleness of the epoch's gradients."""
+    loss = sum(float(F.cross_entropy(model(data.x_train[i:i + 4096].to(device)), data.y_train[i:i + 4096].to(device),
+                                     reduction="sum")) for i in range(0, len(data.x_train), 4096))
+    test = accuracy(model, data.x_test.to(device), data.y_test.to(device))
+    return {"epoch": epoch, "train_loss": loss / len(data.x_train), "test_accuracy_averaged": test,
+            "test_accuracy_rank0": test, "consensus_distance": 0.0, "samples_per_second": samples_per_second,
+            "communication_share": float("nan"), "staleness_mean": sum(staleness) / max(1, len(staleness)),
+            "staleness_max": max(staleness, default=0)}
+
+
 class Progress:
     """A one-line progress bar on rank 0 (only when writing to a terminal)."""
 
@@ -267,11 +285,16 @@ class Log:
         self.records.append(record)
         if gossip.rank() != 0:
             return
-        print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  "
-              f"test acc (averaged) {100 * record['test_accuracy_averaged']:5.2f}%  "
-              f"(rank 0) {100 * record['test_accuracy_rank0']:5.2f}%  "
-              f"consensus {record['consensus_distance']:.2e}  {record['samples_per_second']:,.0f} samples/s  "
-              f"communication {100 * record['communication_share']:4.1f}% of step time", flush=True)
+        if "staleness_mean" in record:  # the parameter server's record
+            print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  test acc (server model) "
+                  f"{100 * record['test_accuracy_averaged']:5.2f}%  staleness mean {record['staleness_mean']:.1f} "
+                  f"max {record['staleness_max']}  {record['samples_per_second']:,.0f} samples/s", flush=True)
+        else:
+            print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  "
+                  f"test acc (averaged) {100 * record['test_accuracy_averaged']:5.2f}%  "
+                  f"(rank 0) {100 * record['test_accuracy_rank0']:5.2f}%  "
+                  f"consensus {record['consensus_distance']:.2e}  {record['samples_per_second']:,.0f} samples/s  "
+                  f"communication {100 * record['communication_share']:4.1f}% of step time", flush=True)
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / "log.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.records[0]))

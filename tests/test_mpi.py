@@ -24,6 +24,7 @@ CASES = [
     ("algorithms_periodic.py", 5, MPI_MESSAGES),
     ("runtime_services.py", 1, None), ("runtime_services.py", 4, None), ("runtime_services.py", 3, MPI_MESSAGES),
     ("windows.py", 1, None), ("windows.py", 4, None), ("windows.py", 5, None),
+    ("algorithms_async_gossip.py", 4, None), ("algorithms_async_gossip.py", 6, None),
     ("parameter_server.py", 1, None), ("parameter_server.py", 2, None), ("parameter_server.py", 4, None),
     ("bad_input.py", 2, None), ("bad_input.py", 4, None), ("bad_input.py", 5, None), ("bad_input.py", 4, MPI_MESSAGES),
 ]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms.server_rules import ASGD, NaiveASGDm, OrMo, staleness_summary
+from algorithms.server_rules import ASGD, NaiveASGDm, OrMo, OrMoDA, staleness_summary
 
 DIM = 7
 
@@ -31,14 +31,18 @@ def _run(rule, order: list[int], workers: int):
     return trajectory, arrivals
 
 
-def _ormo_reference(arrivals, workers: int, lr: float, beta: float, first_t: int = 0) -> list[np.ndarray]:
-    """The OrMo recursion of ../shared/ALGORITHMS.md, server iterations counted from ``first_t``."""
+def _ormo_reference(arrivals, workers: int, lr: float, beta: float, first_t: int = 0,
+                    delay_adaptive: bool = False) -> list[np.ndarray]:
+    """The OrMo recursion of ../shared/ALGORITHMS.md, server iterations counted from ``first_t``;
+    ``delay_adaptive``: OrMo-DA, η scaled by min(1, K/τ) for a gradient of staleness τ = t − ite."""
     w, u, latest, out = np.zeros(DIM), np.zeros(DIM), 0, []
     for t, (worker, ite) in enumerate(arrivals, start=first_t):
         if int(np.ceil(t / workers)) > latest:
             w, u, latest = w - beta * u, beta * u, latest + 1
         delay = latest - int(np.ceil(ite / workers))
         g = _gradient(worker, ite)
+        if delay_adaptive and t - ite > workers:
+            g = g * workers / (t - ite)
         u = u + beta**delay * lr * g
         w = w - (1 - beta ** (delay + 1)) / (1 - beta) * lr * g
         out.append(w)
@@ -72,6 +76,12 @@ def test_scripted_asynchrony_follows_the_equations(workers, order):
     got, arrivals = _run(OrMo(lr, beta, workers=workers), order, workers)
     for t, (a, b) in enumerate(zip(got, _ormo_reference(arrivals, workers, lr, beta), strict=True)):
         assert np.allclose(a, b, atol=1e-12), f"OrMo, K = {workers}, server iteration {t}"
+    adaptive, arrivals = _run(OrMoDA(lr, beta, workers=workers), order, workers)
+    reference = _ormo_reference(arrivals, workers, lr, beta, delay_adaptive=True)
+    for t, (a, b) in enumerate(zip(adaptive, reference, strict=True)):
+        assert np.allclose(a, b, atol=1e-12), f"OrMo-DA, K = {workers}, server iteration {t}"
+    if max(t - ite for t, (_, ite) in enumerate(arrivals)) > workers:  # some step was shrunk
+        assert not np.allclose(adaptive[-1], got[-1])
     naive, arrivals = _run(NaiveASGDm(lr, beta), order, workers)
     w, u = np.zeros(DIM), np.zeros(DIM)
     for t, (worker, ite) in enumerate(arrivals):

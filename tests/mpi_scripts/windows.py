@@ -104,6 +104,41 @@ def test_concurrent_writers_never_tear_with_the_mutex():
         gossip.barrier()
 
 
+def test_own_graph_and_folding_only_what_arrived():
+    """A window on a graph other than the static topology (a one-peer family's union); only the
+    in-neighbours that wrote since the last fold are folded, uniformly."""
+    gossip.set_topology(topologies.ring(N, bidirectional=False))
+    family = topologies.OnePeerExponentialTwo(N)
+    union = topologies.exponential_two(N)
+    for mutex in (False, True):
+        x = _value(R)
+        with gossip.Window(x, "union", graph=union, mutex=mutex) as win:
+            assert win.sources == sorted(j for j in union.predecessors(R) if j != R)
+            assert win.update_arrived() == []  # nothing arrived: x unchanged
+            assert np.array_equal(x.cpu().numpy(), _value(R).cpu().numpy())
+            gossip.barrier()
+            for step in range(family.period):
+                before = gossip.allgather(x.reshape(1, -1)).cpu().numpy()
+                peers = family.peers(step, R)
+                win.put(dst_weights=peers.dst_weights)  # this step's one peer only
+                gossip.barrier()
+                arrived = win.update_arrived()
+                assert arrived == sorted(peers.src_weights), (step, arrived, peers)
+                expected = (before[R] + sum(before[j] for j in arrived)) / (1 + len(arrived))
+                assert np.allclose(x.cpu().numpy(), expected, rtol=1e-12), (step, x, expected)
+                gossip.barrier()
+    if N > 1:
+        expect_error(lambda: gossip.Window(_value(R), "bad", graph=topologies.ring(N + 1)), "invalid graph",
+                     f"{N + 1} nodes")
+        if not nx_equal(topologies.ring(N), topologies.exponential_two(N)):  # the same on every rank
+            other = topologies.ring(N) if R == 0 else topologies.exponential_two(N)
+            expect_error(lambda: gossip.Window(_value(R), "differs", graph=other), "different graph")
+
+
+def nx_equal(a, b) -> bool:
+    return sorted(a.edges(data="weight")) == sorted(b.edges(data="weight"))
+
+
 def test_free_recreate_and_bad_input():
     gossip.set_topology(topologies.exponential_two(N))
     x = _value(R)
