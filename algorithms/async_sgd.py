@@ -4,7 +4,8 @@ One rank (``server``, default 0) holds the model and applies gradients in arriva
 rule of :mod:`algorithms.server_rules`; every other rank is a worker that computes a gradient at
 the parameters it last received and exchanges it for the newest ones, never waiting for other
 workers (:class:`gossip.parameter_server.ParameterServer`). With n ranks there are K = n − 1
-workers. Use::
+workers. ``server=[0, 1]`` shards the model over several server ranks (K = n − #servers): each
+applies the rule to its contiguous shard, with its own iteration count. Use::
 
     opt = algorithms.create("ormo", model.parameters(), lr=0.05, momentum=0.9)
     if opt.is_server:
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 from algorithms.base import DecentralizedOptimizer, check_rates
 from algorithms.server_rules import ASGD, NaiveASGDm, OrMo, OrMoDA
-from gossip import context
 from gossip.parameter_server import ParameterServer
 from gossip.schedule import NoCommunication
 
@@ -33,7 +33,7 @@ class AsynchronousSGD(DecentralizedOptimizer):
     """Parameter-server asynchronous SGD; ``rule`` is ``asgd``, ``asgdm``, ``ormo`` or ``ormo-da``."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, rule: str = "ormo",
-                 server: int = 0, topology=None) -> None:
+                 server: int | list[int] = 0, topology=None) -> None:
         if rule not in RULES:
             raise ValueError(f"unknown server rule {rule!r}; one of {', '.join(RULES)}")
         if topology not in (None, "none"):
@@ -42,14 +42,14 @@ class AsynchronousSGD(DecentralizedOptimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
                          schedule=NoCommunication())
         self.server = ParameterServer(self.x, server)
-        workers = context.size() - 1
+        workers = len(self.server.workers)
         if rule == "asgd":
             self.rule = ASGD(lr)
         elif rule == "asgdm":
             self.rule = NaiveASGDm(lr, momentum)
         else:
             self.rule = RULES[rule](lr, momentum, workers=workers)
-        self.ite: int | None = None  # the iteration index of the parameters a worker holds
+        self.ite: list[int] | None = None  # the iteration index (per server) of the parameters a worker holds
 
     @property
     def is_server(self) -> bool:
@@ -67,7 +67,7 @@ class AsynchronousSGD(DecentralizedOptimizer):
             if on_update is not None:
                 on_update(w, g, ite, worker)
             self.rule.lr = self.param_groups[0]["lr"]
-            return self.rule.apply(w, g, ite)
+            return self.rule.apply(w, g, ite)  # w, g: this server's shard
 
         return self.server.serve(update, updates)
 

@@ -1,18 +1,27 @@
-"""An asynchronous parameter server over MPI point-to-point: one server rank, every other rank a worker.
+"""An asynchronous parameter server over MPI point-to-point: server ranks hold the model, every other rank works.
 
 Workers never wait for each other. A worker sends (gradient, iteration index) and blocks only for
-its own reply, (parameters, new index); the server takes gradients in arrival order from whichever
+its own reply, (parameters, new index); a server takes gradients in arrival order from whichever
 worker is ready (``MPI_ANY_SOURCE``), applies each with an update function and replies to that
-worker at once. After ``updates`` gradients the server answers each worker's next message with a
-stop, so every worker ends after exactly one more exchange and no message is left unmatched.
+worker at once.
+
+With several server ranks the flat model is split into contiguous shards, one per server: a
+worker sends each server its shard of the gradient with that server's iteration index and gets
+back that shard of the parameters; each server counts its own iterations and applies its own
+update rule to its shard, with no communication between servers.
+
+Stopping: after ``updates`` gradients a server answers each worker's next message with a stop. A
+worker that gets a stop from any server stops, and tells every server that still answered it with
+parameters that it is leaving; a server ends when each worker has been stopped by it or has left
+it. So every worker ends after exactly one more exchange and no message is left unmatched.
 
 Messages go whole, on a communicator of their own (a duplicate of the runtime's), with fixed
-tags; the server's receive buffer is allocated once. CUDA tensors are staged through host memory.
+tags; receive buffers are allocated once. CUDA tensors are staged through host memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +31,7 @@ from gossip import context, waiting
 from gossip.tensors import mpi_datatype
 
 TAG_INDEX, TAG_GRADIENT, TAG_PARAMETERS, TAG_STOP = 301, 302, 303, 304
+LEAVING = -1  # the index a worker sends to a server to say it leaves
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -30,92 +40,131 @@ def _host(t: torch.Tensor) -> np.ndarray:
 
 
 class ParameterServer:
-    """Collective construction on every rank; ``server`` (default 0) serves, the others work.
+    """Collective construction on every rank; ``server`` (a rank, default 0, or a list of ranks
+    that shard the model) serves, the others work.
 
-    ``parameters`` is a flat float tensor: on the server, w⁰ and then the live model; on a worker,
-    where each reply's parameters are written.
+    ``parameters`` is a flat float tensor: on a server, w⁰ and then the live model (its shard of
+    it); on a worker, where each reply's parameters are written.
     """
 
-    def __init__(self, parameters: torch.Tensor, server: int = 0) -> None:
+    def __init__(self, parameters: torch.Tensor, server: int | Sequence[int] = 0) -> None:
         runtime = context.current()
-        if not 0 <= server < runtime.size:
-            raise ValueError(f"server rank {server} is out of range for a job of {runtime.size} ranks")
-        if runtime.size < 2:
-            raise ValueError("a parameter server needs at least 2 ranks (1 server and 1 worker)")
+        servers = [server] if isinstance(server, int | np.integer) else list(server)
+        if not servers or len(set(servers)) != len(servers):
+            raise ValueError(f"servers must be distinct ranks, got {server!r}")
+        outside = [s for s in servers if not 0 <= s < runtime.size]
+        if outside:
+            raise ValueError(f"server rank(s) {outside} out of range for a job of {runtime.size} ranks")
+        if runtime.size - len(servers) < 1:
+            raise ValueError(f"a parameter server needs at least 2 ranks ({len(servers)} server(s) and 1 worker), "
+                             f"the job has {runtime.size}")
         if parameters.dim() != 1 or not parameters.dtype.is_floating_point:
             raise ValueError(f"parameters must be a flat floating-point tensor, got {tuple(parameters.shape)} "
                              f"{parameters.dtype}")
+        if parameters.numel() < len(servers):
+            raise ValueError(f"{parameters.numel()} parameters cannot be sharded over {len(servers)} servers")
         self.comm = runtime.comm.Dup()
-        self.server, self.rank = server, runtime.rank
-        self.workers = [r for r in range(runtime.size) if r != server]
+        self.servers, self.rank = servers, runtime.rank
+        self.server = servers[0]
+        self.workers = [r for r in range(runtime.size) if r not in servers]
         self.parameters = parameters
+        bounds = np.linspace(0, parameters.numel(), len(servers) + 1).round().astype(int)
+        self.shards = {s: slice(int(a), int(b)) for s, a, b in zip(servers, bounds[:-1], bounds[1:], strict=True)}
         self._datatype = mpi_datatype(parameters.dtype)
         self._index = np.zeros(1, dtype=np.int64)
-        self._received = np.empty(parameters.numel(), dtype=_host(parameters[:1]).dtype)
+        np_dtype = _host(parameters[:1]).dtype
+        if self.is_server:
+            self._received = np.empty(self.shard.stop - self.shard.start, dtype=np_dtype)
+        else:
+            self._received = np.empty(parameters.numel(), dtype=np_dtype)
         self.stopped = False
 
     @property
     def is_server(self) -> bool:
-        return self.rank == self.server
+        return self.rank in self.shards
+
+    @property
+    def shard(self) -> slice:
+        """This server's part of the flat parameters."""
+        return self.shards[self.rank]
 
     # --- server ----------------------------------------------------------------------------------
 
     def serve(self, update: Callable[[torch.Tensor, torch.Tensor, int, int], int], updates: int) -> int:
-        """Send w⁰ to every worker, then apply ``updates`` gradients as they arrive:
-        ``update(parameters, gradient, ite, worker)`` changes the parameters in place and returns
-        the new iteration index sent back with them. Returns the number applied."""
+        """Send w⁰ (this server's shard) to every worker, then apply ``updates`` gradients as they
+        arrive: ``update(parameters, gradient, ite, worker)`` changes the shard's parameters in place
+        and returns the new iteration index sent back with them. Returns the number applied."""
         if not self.is_server:
-            raise RuntimeError(f"rank {self.rank} is a worker; only rank {self.server} serves")
+            raise RuntimeError(f"rank {self.rank} is a worker; ranks {self.servers} serve")
+        shard = self.parameters[self.shard]
         for worker in self.workers:
-            self._reply(worker, 0)
-        applied, stopped = 0, 0
+            self._reply(worker, shard, 0)
+        applied, finished = 0, 0
         gradient = torch.from_numpy(self._received)
         status = MPI.Status()
-        while stopped < len(self.workers):
+        while finished < len(self.workers):
             # waits as long as the workers compute: no op timeout on the server's receive
             self.comm.Recv([self._index, MPI.INT64_T], source=MPI.ANY_SOURCE, tag=TAG_INDEX, status=status)
             worker, ite = status.Get_source(), int(self._index[0])
+            if ite == LEAVING:  # another server stopped this worker
+                finished += 1
+                continue
             self.comm.Recv([self._received, self._datatype], source=worker, tag=TAG_GRADIENT)
             if applied < updates:
-                index = update(self.parameters, gradient.to(self.parameters.device), ite, worker)
+                index = update(shard, gradient.to(self.parameters.device), ite, worker)
                 applied += 1
-                self._reply(worker, index)
+                self._reply(worker, shard, index)
             else:
                 self.comm.Send([np.zeros(0, dtype=np.int64), MPI.INT64_T], dest=worker, tag=TAG_STOP)
-                stopped += 1
+                finished += 1
         return applied
 
-    def _reply(self, worker: int, index: int) -> None:
-        self.comm.Send([_host(self.parameters), self._datatype], dest=worker, tag=TAG_PARAMETERS)
+    def _reply(self, worker: int, shard: torch.Tensor, index: int) -> None:
+        self.comm.Send([_host(shard), self._datatype], dest=worker, tag=TAG_PARAMETERS)
         self.comm.Send([np.array([index], dtype=np.int64), MPI.INT64_T], dest=worker, tag=TAG_INDEX)
 
     # --- worker ----------------------------------------------------------------------------------
 
-    def pull(self) -> int | None:
-        """Receive the server's reply: parameters written into ``parameters``; returns their
-        iteration index, or None when the server has stopped (``stopped`` becomes True)."""
+    def pull(self) -> list[int] | None:
+        """Receive every server's reply: parameters written into ``parameters``; returns their
+        iteration indices (one per server, in ``servers`` order), or None when a server has
+        stopped (``stopped`` becomes True)."""
+        indices, answered = [], []
         status = MPI.Status()
-        self.comm.Probe(source=self.server, tag=MPI.ANY_TAG, status=status)
-        if status.Get_tag() == TAG_STOP:
-            self.comm.Recv([np.zeros(0, dtype=np.int64), MPI.INT64_T], source=self.server, tag=TAG_STOP)
-            self.stopped = True
+        for server in self.servers:
+            waiting.probe(self.comm, server, MPI.ANY_TAG, status, "parameter server: wait for the reply")
+            if status.Get_tag() == TAG_STOP:
+                self.comm.Recv([np.zeros(0, dtype=np.int64), MPI.INT64_T], source=server, tag=TAG_STOP)
+                self.stopped = True
+                continue
+            into = self._received[self.shards[server]]
+            request = self.comm.Irecv([into, self._datatype], source=server, tag=TAG_PARAMETERS)
+            waiting.wait([request], "parameter server: receive parameters", [server], into.nbytes)
+            self.comm.Recv([self._index, MPI.INT64_T], source=server, tag=TAG_INDEX)
+            indices.append(int(self._index[0]))
+            answered.append(server)
+        if self.stopped:
+            for server in answered:  # they expect another message from us: say we leave
+                self.comm.Send([np.array([LEAVING], dtype=np.int64), MPI.INT64_T], dest=server, tag=TAG_INDEX)
             return None
-        request = self.comm.Irecv([self._received, self._datatype], source=self.server, tag=TAG_PARAMETERS)
-        waiting.wait([request], "parameter server: receive parameters", [self.server], self._received.nbytes)
-        self.comm.Recv([self._index, MPI.INT64_T], source=self.server, tag=TAG_INDEX)
         with torch.no_grad():
             self.parameters.copy_(torch.from_numpy(self._received))
-        return int(self._index[0])
+        return indices
 
-    def push(self, gradient: torch.Tensor, ite: int) -> None:
-        """Send a gradient computed at iteration index ``ite`` to the server."""
+    def push(self, gradient: torch.Tensor, indices: Sequence[int]) -> None:
+        """Send each server its shard of a gradient computed at the parameters of its iteration
+        index (``indices``, as :meth:`pull` returned them)."""
         if self.is_server:
-            raise RuntimeError("the server does not push gradients")
+            raise RuntimeError("a server does not push gradients")
         if gradient.numel() != self.parameters.numel():
             raise ValueError(f"rank {self.rank}: gradient has {gradient.numel()} elements, the parameters "
                              f"{self.parameters.numel()}")
-        self.comm.Send([np.array([ite], dtype=np.int64), MPI.INT64_T], dest=self.server, tag=TAG_INDEX)
-        self.comm.Send([_host(gradient), self._datatype], dest=self.server, tag=TAG_GRADIENT)
+        if len(indices) != len(self.servers):
+            raise ValueError(f"rank {self.rank}: {len(indices)} iteration indices for {len(self.servers)} servers")
+        host = _host(gradient)
+        for server, ite in zip(self.servers, indices, strict=True):
+            self.comm.Send([np.array([ite], dtype=np.int64), MPI.INT64_T], dest=server, tag=TAG_INDEX)
+            self.comm.Send([host[self.shards[server]], self._datatype], dest=server, tag=TAG_GRADIENT)
 
     def free(self) -> None:
         self.comm.Free()

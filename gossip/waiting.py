@@ -74,3 +74,22 @@ def wait(requests: Sequence[MPI.Request], what: str, peers: Sequence[int] | None
     _waited += end - begin
     if timeline.active():
         timeline.record(f"wait {what}", "communication", begin, end, args=timeline.op_args(peers, nbytes))
+
+
+def probe(comm: MPI.Comm, source: int, tag: int, status: MPI.Status, what: str) -> None:
+    """``MPI_Probe`` for a message from ``source`` under the same watchdog as :func:`wait` (it polls
+    with ``MPI_Iprobe`` when an op timeout is set); the time counts as waiting."""
+    global _waited
+    begin = time.perf_counter()
+    if _op_timeout is None:
+        comm.Probe(source=source, tag=tag, status=status)
+    else:
+        deadline = begin + _op_timeout
+        while not comm.Iprobe(source=source, tag=tag, status=status):
+            if time.perf_counter() > deadline:
+                raise OpTimeoutError(
+                    f"rank {MPI.COMM_WORLD.rank}: {what} has waited more than {_op_timeout:g} s for "
+                    f"{timeline.describe_peers([source])} (GOSSIP_OP_TIMEOUT): a peer failed, is far behind, or is "
+                    f"in a different operation")
+            os.sched_yield()
+    _waited += time.perf_counter() - begin

@@ -41,6 +41,7 @@ from train_support import (
     optimizer_settings,
     parse_args,
     server_record,
+    slow_ranks,
 )
 
 import algorithms
@@ -67,6 +68,7 @@ def main() -> int:
     stream = BatchStream(data.x_train[shard].to(device), data.y_train[shard].to(device), args.batch_size,
                          seed=args.seed * 100_003 + rank)
     steps_per_epoch = math.ceil(len(data.x_train) / (n * args.batch_size))  # the same on every rank
+    delay = args.slow_delay if rank in slow_ranks(args) else 0.0
 
     torch.manual_seed(args.seed)
     model = make_model(args, data).to(device)
@@ -117,6 +119,8 @@ def main() -> int:
                 raise FloatingPointError(f"rank {rank}: the loss is {loss.item()} at epoch {epoch + 1}, step "
                                          f"{step - steps.start + 1}: training diverged (lower --lr?)")
             loss_sum += loss.detach()
+            if delay:
+                time.sleep(delay)  # --slow-ranks
             progress.update(epoch, args.epochs, step - steps.start + 1, len(steps), loss)
         progress.clear()
         seconds, waited = time.perf_counter() - began, gossip.waited_seconds()
@@ -176,6 +180,7 @@ def train_with_server(args, data, device: torch.device) -> int:
         shard = partition(data.y_train, n - 1, args.alpha, seed=args.seed)[rank - 1]
         stream = BatchStream(data.x_train[shard].to(device), data.y_train[shard].to(device), args.batch_size,
                              seed=args.seed * 100_003 + rank)
+        delay = args.slow_delay if rank in slow_ranks(args) else 0.0
         while not optimizer.stopped:
             x, y = stream.next()
             optimizer.zero_grad()
@@ -185,6 +190,8 @@ def train_with_server(args, data, device: torch.device) -> int:
                 raise FloatingPointError(f"rank {rank}: the loss is {loss.item()} at the parameters of server "
                                          f"iteration {optimizer.ite}: training diverged (lower --lr?)")
             optimizer.step()
+            if delay:
+                time.sleep(delay)  # --slow-ranks
     if (plot := log.plot()) is not None:
         print(f"wrote {plot.parent}/log.csv, log.json and {plot.name}")
     gossip.shutdown()

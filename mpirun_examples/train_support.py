@@ -27,7 +27,7 @@ DEFAULTS = {
     "samples": 20000, "features": 64, "model": "mlp", "hidden": 64, "checkpoint_dir": None, "checkpoint_every": 1,
     "resume": False, "timeline": None, "device": "cpu", "log_dir": "results/train", "op_timeout": 300.0,
     "progress": True, "period": None, "base": "local-sgd", "slow_lr": None, "slow_momentum": None,
-    "warmup_steps": 0, "batch_growth": 2.0,
+    "warmup_steps": 0, "batch_growth": 2.0, "slow_ranks": "", "slow_delay": 0.02,
 }
 SERVER_ALGORITHMS = ("asgd", "asgdm", "ormo", "ormo-da")  # rank 0 serves, the others work
 GOSSIP_FREE = ("pmsgd", "local-sgd", "mavg", "cr-psgd", "cr-psgd-catalyst", *SERVER_ALGORITHMS)  # no --topology
@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, help="local-sgd: average after every one of the first steps")
     parser.add_argument("--batch-growth", type=float, help="cr-psgd(-catalyst): batch growth rho > 1 "
                         "(first batch --batch-size; budget --epochs of samples)")
+    parser.add_argument("--slow-ranks", help="comma-separated ranks made slower by sleeping --slow-delay per step")
+    parser.add_argument("--slow-delay", type=float, help="seconds a --slow-ranks rank sleeps after each step")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--dataset", help="digits | mnist1d | synthetic | module:function returning gossip.data.Split")
     parser.add_argument("--alpha", type=float, help="Dirichlet label skew across ranks (default: iid)")
@@ -126,12 +128,24 @@ def check_settings(args: argparse.Namespace, n: int) -> None:
         problems.append(f"--period is an int >= 1 for {', '.join(PERIODIC)}; got {args.period} for {args.algorithm}")
     if args.algorithm.startswith("cr-psgd") and not args.batch_growth > 1:
         problems.append(f"--batch-growth must be > 1, got {args.batch_growth}")
+    try:
+        slow = slow_ranks(args)
+        if any(not 0 <= r < n for r in slow) or args.slow_delay < 0:
+            problems.append(f"--slow-ranks must be ranks of 0..{n - 1} and --slow-delay >= 0, got "
+                            f"{args.slow_ranks!r} and {args.slow_delay}")
+    except ValueError:
+        problems.append(f"--slow-ranks is a comma-separated list of ranks, got {args.slow_ranks!r}")
     if args.resume and not args.checkpoint_dir:
         problems.append("--resume needs --checkpoint-dir")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda but torch sees no CUDA device")
     if problems:
         raise SystemExit("train.py: " + "; ".join(problems))
+
+
+def slow_ranks(args: argparse.Namespace) -> set[int]:
+    """The ranks that ``--slow-ranks`` makes slower (to see what asynchrony buys)."""
+    return {int(r) for r in str(args.slow_ranks).split(",") if r.strip()}
 
 
 def _base(args: argparse.Namespace) -> str:

@@ -81,14 +81,32 @@ def test_config_file_and_logs(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--algorithm", "adamw"], "unknown algorithm 'adamw'"),
-    (["--topology", "hypercube"], "--topology 'hypercube' on 3 ranks"),
     (["--lr", "-0.1"], "--lr must be positive"),
-    (["--dataset", "nowhere"], "unknown --dataset 'nowhere'"),
     (["--resume"], "--resume needs --checkpoint-dir"),
     (["--algorithm", "dmsgd", "--period", "4"], "--period is an int >= 1 for local-sgd"),
     (["--algorithm", "local-sgd", "--global-avg-every", "4"], "local-sgd does not gossip"),
     (["--algorithm", "slowmo", "--base", "mavg"], "--base must be a single-level algorithm"),
     (["--algorithm", "cr-psgd", "--batch-growth", "1"], "--batch-growth must be > 1"),
+    (["--algorithm", "ormo", "--checkpoint-dir", "x"], "checkpoints are not supported for parameter-server"),
+    (["--slow-ranks", "0,a"], "--slow-ranks is a comma-separated list of ranks"),
+])
+def test_settings_checked_before_training(args, message):
+    """train.py's checks of its settings, for 3 ranks (a pure function: run in this process; the
+    test below runs some of them under mpirun)."""
+    sys.path.insert(0, str(REPO / "mpirun_examples"))
+    try:
+        import train_support
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as failure:
+        train_support.check_settings(train_support.parse_args(args), 3)
+    assert message in str(failure.value), failure.value
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "hypercube"], "--topology 'hypercube' on 3 ranks"),
+    (["--dataset", "nowhere"], "unknown --dataset 'nowhere'"),
+    (["--algorithm", "ormo", "--slow-ranks", "7"], "--slow-ranks must be ranks of 0..2"),
 ])
 def test_bad_settings_fail_before_training(args, message):
     done = _run([*args, "--no-progress"], np=3, timeout=120)
@@ -122,8 +140,8 @@ def test_asynchronous_training(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:]
     records = __import__("json").loads((tmp_path / "adpsgd" / "log.json").read_text())["epochs"]
     assert len(records) == 3 and records[-1]["test_accuracy_averaged"] > 0.6, records[-1]  # DmSGD: 0.73
-    done = _run(["--algorithm", "ormo", "--lr", "0.05", "--epochs", "3", "--no-progress",
-                 "--log-dir", str(tmp_path / "ormo")], np=3)
+    done = _run(["--algorithm", "ormo", "--lr", "0.05", "--epochs", "3", "--no-progress", "--slow-ranks", "1",
+                 "--slow-delay", "0.002", "--log-dir", str(tmp_path / "ormo")], np=3)
     assert done.returncode == 0, done.stdout[-4000:]
     assert "parameter server on rank 0, 2 asynchronous workers" in done.stdout, done.stdout[-3000:]
     records = __import__("json").loads((tmp_path / "ormo" / "log.json").read_text())["epochs"]

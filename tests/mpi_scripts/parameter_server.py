@@ -27,15 +27,17 @@ def _batch(step: int):
 
 
 def _train(name: str, hyper: dict, slow_worker: int | None = None):
-    """Run ``name`` to UPDATES updates; on the server return (w⁰, final w, arrivals), else None."""
+    """Run ``name`` to UPDATES updates; on a server return (its shard of w⁰, of the final w,
+    arrivals, rule), else None."""
     model = _model()
     opt = algorithms.create(name, model.parameters(), **hyper)
     if N < 2:
         return None
     if opt.is_server:
-        start, arrivals = opt.x.clone().numpy(), []
+        shard = opt.server.shard
+        start, arrivals = opt.x[shard].clone().numpy(), []
         opt.serve(UPDATES, on_update=lambda w, g, ite, worker: arrivals.append((worker, ite, g.numpy().copy())))
-        return start, opt.x.clone().numpy(), arrivals, opt.rule
+        return start, opt.x[shard].clone().numpy(), arrivals, opt.rule
     step = 0
     while not opt.stopped:
         if R == slow_worker:
@@ -108,3 +110,23 @@ def test_a_slow_worker_does_not_hold_back_the_others():
         slow = [s for s, a in zip(rule.staleness, arrivals, strict=True) if a[0] == 1]
         assert all(s >= 1 for s in slow[1:]), slow  # what the slow worker sends is always stale
     gossip.barrier()
+
+
+def test_a_model_sharded_over_two_servers():
+    """Ranks 0 and 1 each serve half of the model with their own rule and iteration count; every
+    shard follows the rule's equation replayed from its own arrivals."""
+    if N < 3:
+        return
+    workers = N - 2
+    for name in ("ormo", "asgdm"):
+        result = _train(name, {"lr": 0.1, "momentum": 0.8, "server": [0, 1]})
+        if result is not None:
+            start, final, arrivals, rule = result
+            assert len(start) in (7, 8)  # Linear(4, 3): 15 parameters, split 7 + 8 or 8 + 7
+            assert len(arrivals) == UPDATES
+            expected = _replay(name, start, arrivals, 0.1, 0.8, workers)
+            assert np.allclose(final, expected, atol=1e-12), f"{name}: off by {np.abs(final - expected).max()}"
+            assert rule.workers == workers if name == "ormo" else True
+            if workers == 1:  # one worker: OrMo and naive ASGDm are momentum SGD on each shard
+                assert rule.staleness == [0] * UPDATES
+        gossip.barrier()
