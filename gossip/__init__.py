@@ -33,6 +33,7 @@ from gossip.context import (
 from gossip.errors import GossipError, InputMismatchError
 from gossip.flat import FlatBuffer, group_by_dtype_and_device, shared_empty
 from gossip.handles import Handle
+from gossip.hierarchical import hierarchical_neighbor_allreduce
 from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
 from gossip.schedule import Plan, Schedule, schedule_for
 from gossip.waiting import OpTimeoutError, op_timeout, reset_waited, set_op_timeout, waited_seconds
@@ -62,6 +63,7 @@ __all__ = [
     "broadcast_parameters",
     "cuda_aware",
     "group_by_dtype_and_device",
+    "hierarchical_neighbor_allreduce",
     "in_neighbors",
     "init",
     "is_initialized",

@@ -37,6 +37,7 @@ class Runtime:
 
     comm: MPI.Comm
     local_comm: MPI.Comm
+    leaders_comm: MPI.Comm  # the machines' leaders (local rank 0), rank = machine index; COMM_NULL elsewhere
     machine_rank: int
     machine_size: int
     topology: StaticTopology
@@ -73,8 +74,9 @@ def _env_flag(name: str, default: bool) -> bool:
     return value == "1"
 
 
-def _split_machines(comm: MPI.Comm) -> tuple[MPI.Comm, int, int]:
-    """Local (same-machine) communicator, machine index and machine count.
+def _split_machines(comm: MPI.Comm) -> tuple[MPI.Comm, MPI.Comm, int, int]:
+    """Local (same-machine) communicator, the leaders' communicator (COMM_NULL off the leaders),
+    machine index and machine count.
 
     Machines are found with ``MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)``, or, when
     ``GOSSIP_RANKS_PER_MACHINE=k`` is set, pretended as consecutive blocks of k ranks (to test
@@ -89,13 +91,9 @@ def _split_machines(comm: MPI.Comm) -> tuple[MPI.Comm, int, int]:
     else:
         local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     leaders = comm.Split(0 if local.rank == 0 else MPI.UNDEFINED, comm.rank)
-    if local.rank == 0:
-        layout = (leaders.rank, leaders.size)
-        leaders.Free()
-    else:
-        layout = None
+    layout = (leaders.rank, leaders.size) if local.rank == 0 else None
     machine_rank, machine_size = local.bcast(layout, root=0)
-    return local, machine_rank, machine_size
+    return local, leaders, machine_rank, machine_size
 
 
 def _abort_on_uncaught(comm: MPI.Comm) -> None:
@@ -134,12 +132,13 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
     if not MPI.Is_initialized():
         MPI.Init_thread()
     comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
-    local, machine_rank, machine_size = _split_machines(comm)
+    local, leaders, machine_rank, machine_size = _split_machines(comm)
     pool = BufferPool()
     topology = build_static_topology(comm, exponential_two(comm.size))
     _runtime = Runtime(
         comm=comm,
         local_comm=local,
+        leaders_comm=leaders,
         machine_rank=machine_rank,
         machine_size=machine_size,
         topology=topology,
@@ -170,6 +169,8 @@ def shutdown() -> None:
     rt.topology.free()
     rt.node_memory.free()
     rt.local_comm.Free()
+    if rt.leaders_comm != MPI.COMM_NULL:
+        rt.leaders_comm.Free()
     rt.pool.clear()
     rt.comm.Free()
 

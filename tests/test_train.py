@@ -140,11 +140,11 @@ def test_asynchronous_training(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:]
     records = __import__("json").loads((tmp_path / "adpsgd" / "log.json").read_text())["epochs"]
     assert len(records) == 3 and records[-1]["test_accuracy_averaged"] > 0.6, records[-1]  # DmSGD: 0.73
-    done = _run(["--algorithm", "ormo", "--lr", "0.05", "--epochs", "3", "--no-progress", "--slow-ranks", "1",
+    done = _run(["--algorithm", "ormo", "--lr", "0.05", "--epochs", "2", "--no-progress", "--slow-ranks", "1",
                  "--slow-delay", "0.002", "--log-dir", str(tmp_path / "ormo")], np=3)
     assert done.returncode == 0, done.stdout[-4000:]
     assert "parameter server on rank 0, 2 asynchronous workers" in done.stdout, done.stdout[-3000:]
     records = __import__("json").loads((tmp_path / "ormo" / "log.json").read_text())["epochs"]
-    assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert records[-1]["train_loss"] < records[0]["train_loss"] and records[-1]["test_accuracy_averaged"] > 0.6
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["train_loss"] < records[0]["train_loss"] and records[-1]["test_accuracy_averaged"] > 0.5
     assert all(r["staleness_max"] >= 1 for r in records), records  # two workers: gradients do arrive stale

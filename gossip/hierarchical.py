@@ -1,0 +1,127 @@
+"""Hierarchical neighbour averaging: exact average inside each machine, gossip between machines.
+
+``hierarchical_neighbor_allreduce(x, machine_topology, step)`` is collective over the job. With
+machines M (``gossip.machine_rank``; pretend k ranks per machine with
+``GOSSIP_RANKS_PER_MACHINE=k``) it computes, on every rank of machine M,
+
+    m_M = (1/|M|) Σ_{i∈M} x_i                                  (allreduce on the machine)
+    y_M = W_MM m_M + Σ_{M'} W_MM' · s_M'M · m_M'                (the machines' leaders gossip)
+
+and shares y_M within the machine (broadcast from its leader, local rank 0). W is the
+machine-level mixing matrix: a static ``networkx`` graph on ``machine_size`` nodes (edge M' → M
+carries W_MM'), or a ``topologies`` time-varying family over the machines at ``step`` (s: the
+sender's scale, 1 for plain averaging). Only one rank per machine talks across machines, so the
+slow inter-machine links carry one message per machine instead of one per rank; the intra-machine
+allreduce and broadcast use the fast local links. With machines of equal size k this is one gossip
+step with W ⊗ (11ᵀ/k). The default machine topology is the exponential-2 graph over the machines.
+Float tensors; float16/bfloat16 are combined in float32; CUDA tensors are staged through host memory.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from gossip import waiting
+from gossip.collectives import _agree_all
+from gossip.context import current
+from gossip.tensors import mpi_datatype
+from topologies import DynamicTopology, exponential_two
+from topologies.weights import with_weights
+
+TAG = 401
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _machine_peers(machine_topology, machines: int, machine: int, step: int):
+    """(self weight, {source machine: weight}, {destination machine: scale}) of ``machine`` at ``step``."""
+    if isinstance(machine_topology, DynamicTopology):
+        peers = machine_topology.peers(step, machine)
+        return peers.self_weight, dict(peers.src_weights), dict(peers.dst_weights)
+    graph = machine_topology
+    self_weight = float(graph[machine][machine]["weight"]) if graph.has_edge(machine, machine) else 0.0
+    sources = {int(j): float(graph[j][machine]["weight"]) for j in graph.predecessors(machine) if j != machine}
+    destinations = {int(d): 1.0 for d in graph.successors(machine) if d != machine}
+    return self_weight, sources, destinations
+
+
+def _describe(machine_topology) -> tuple:
+    if isinstance(machine_topology, DynamicTopology):
+        return (type(machine_topology).__name__, machine_topology.n, machine_topology.period)
+    edges = machine_topology.edges(data=True)
+    return tuple(sorted((int(j), int(i), round(float(d["weight"]), 12)) for j, i, d in edges))
+
+
+def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.DiGraph | DynamicTopology | None = None,
+                                    step: int = 0, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Collective: average within this machine, gossip the machine averages on ``machine_topology``
+    (at ``step`` for a time-varying family), share the result within the machine (module docstring).
+    Returns a new tensor, or writes ``out``; ``tensor`` is untouched."""
+    rt = current()
+    machines, machine = rt.machine_size, rt.machine_rank
+    problem = None
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _FLOATS:
+        problem = f"hierarchical_neighbor_allreduce takes a float tensor, got {getattr(tensor, 'dtype', type(tensor))}"
+    if machine_topology is None:
+        machine_topology = exponential_two(machines)
+    elif problem is None and isinstance(machine_topology, DynamicTopology):
+        if machine_topology.n != machines:
+            problem = f"the machine topology has {machine_topology.n} nodes for {machines} machines"
+    elif problem is None:
+        try:
+            machine_topology = with_weights(machine_topology)
+            if machine_topology.number_of_nodes() != machines:
+                problem = f"the machine topology has {machine_topology.number_of_nodes()} nodes for {machines} machines"
+        except (TypeError, ValueError) as error:
+            problem = f"invalid machine topology: {error}"
+    if problem is None and (not isinstance(step, int | np.integer) or step < 0):
+        problem = f"step must be an int >= 0, got {step!r}"
+    shape = tuple(tensor.shape) if problem is None else None
+    described = _describe(machine_topology) if problem is None else None
+    _agree_all(rt, "hierarchical_neighbor_allreduce", (shape, getattr(tensor, "dtype", None), described, step),
+               problem)
+
+    x = tensor.detach().reshape(-1)
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    host = x.to("cpu", wide).contiguous()  # a view for CPU tensors of a wide dtype: never written
+    numel, datatype = host.numel(), mpi_datatype(wide)
+    mean = rt.pool.acquire(numel, wide, torch.device("cpu"))
+    try:
+        send = host.numpy()
+        recv = mean.numpy()
+        waiting.wait([rt.local_comm.Iallreduce([send, numel, datatype], [recv, numel, datatype], op=MPI.SUM)],
+                     "hierarchical_neighbor_allreduce: machine allreduce", nbytes=host.numel() * host.element_size())
+        mean.div_(rt.local_comm.size)
+        if rt.local_comm.rank == 0 and machines > 1:
+            _gossip_between_machines(rt, mean, machine_topology, machine, step)
+        waiting.wait([rt.local_comm.Ibcast([recv, numel, datatype], root=0)],
+                     "hierarchical_neighbor_allreduce: machine broadcast", nbytes=mean.numel() * mean.element_size())
+        result = mean.view(tensor.shape).to(tensor.device, tensor.dtype, copy=True)
+    finally:
+        rt.pool.release(mean)
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def _gossip_between_machines(rt, mean: torch.Tensor, machine_topology, machine: int, step: int) -> None:
+    """On a machine's leader: mean ← W_MM mean + Σ W_MM' s_M'M mean_M' over the leaders' communicator."""
+    self_weight, sources, destinations = _machine_peers(machine_topology, rt.machine_size, machine, step)
+    leaders = rt.leaders_comm
+    numel, datatype = mean.numel(), mpi_datatype(mean.dtype)
+    received = {src: rt.pool.acquire(numel, mean.dtype, torch.device("cpu")) for src in sources}
+    scaled = {dst: mean * scale for dst, scale in destinations.items() if scale != 1.0}
+    try:
+        requests = [leaders.Irecv([received[src].numpy(), numel, datatype], source=src, tag=TAG) for src in sources]
+        requests += [leaders.Isend([scaled.get(dst, mean).numpy(), numel, datatype], dest=dst, tag=TAG)
+                     for dst in destinations]
+        waiting.wait(requests, "hierarchical_neighbor_allreduce: gossip between machines",
+                     peers=sorted(set(sources) | set(destinations)), nbytes=numel * mean.element_size())
+        mean.mul_(self_weight)
+        for src, weight in sources.items():
+            mean.add_(received[src], alpha=weight)
+    finally:
+        for buf in received.values():
+            rt.pool.release(buf)

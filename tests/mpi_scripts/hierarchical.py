@@ -1,0 +1,80 @@
+"""Hierarchical neighbour averaging against its closed form: machine means (from the gathered
+tensors and each rank's machine) mixed by the machine-level W, on every rank of each machine.
+Run with GOSSIP_RANKS_PER_MACHINE=k to pretend k ranks per machine on one host."""
+
+import numpy as np
+import torch
+from _common import WORLD, expect_error, rank_values
+
+import gossip
+import topologies
+
+N = WORLD.size
+R = WORLD.rank
+
+
+def _layout() -> np.ndarray:
+    return np.array(WORLD.allgather(gossip.machine_rank()))
+
+
+def _expected(x: torch.Tensor, w: np.ndarray) -> np.ndarray:
+    everyone = np.stack(WORLD.allgather(x.detach().double().cpu().numpy().reshape(-1)))
+    machine_of = _layout()
+    means = np.stack([everyone[machine_of == m].mean(axis=0) for m in range(gossip.machine_size())])
+    return (w @ means)[gossip.machine_rank()]
+
+
+def test_machine_layout_is_consistent():
+    machine_of = _layout()
+    assert sorted(set(machine_of)) == list(range(gossip.machine_size()))
+    assert np.all(np.diff(machine_of) >= 0)  # machines are blocks of consecutive ranks here
+    assert gossip.local_size() == int(np.sum(machine_of == gossip.machine_rank()))
+
+
+def test_closed_form_on_static_and_time_varying_machine_graphs():
+    machines = gossip.machine_size()
+    cases = [(None, topologies.to_matrix(topologies.exponential_two(machines)), 0),
+             (topologies.ring(machines), topologies.to_matrix(topologies.ring(machines)), 0)]
+    family = topologies.OnePeerExponentialTwo(machines)
+    cases += [(family, family.mixing_matrix(step), step) for step in range(3)]
+    for machine_topology, w, step in cases:
+        for dtype in (torch.float32, torch.float64):
+            x = rank_values((3, 4), dtype, seed=step)
+            y = gossip.hierarchical_neighbor_allreduce(x, machine_topology, step)
+            assert y.shape == x.shape and y.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            assert np.allclose(y.double().numpy().reshape(-1), _expected(x, w), rtol=tol, atol=tol), (step, dtype)
+            assert torch.equal(x, rank_values((3, 4), dtype, seed=step))  # input untouched
+    half = rank_values((5,), torch.bfloat16)
+    y = gossip.hierarchical_neighbor_allreduce(half)
+    assert y.dtype == torch.bfloat16
+    w = topologies.to_matrix(topologies.exponential_two(machines))
+    assert np.allclose(y.double().numpy(), _expected(half, w), rtol=2e-2, atol=2e-2)
+    out = torch.empty(3, 4)
+    got = gossip.hierarchical_neighbor_allreduce(rank_values((3, 4), torch.float32), out=out)
+    assert got is out
+
+
+def test_one_machine_is_the_global_average_and_repeats_reach_consensus():
+    x = rank_values((6,), torch.float64)
+    mean = np.mean(np.stack(WORLD.allgather(x.numpy())), axis=0)
+    if gossip.machine_size() == 1:
+        assert np.allclose(gossip.hierarchical_neighbor_allreduce(x).numpy(), mean, atol=1e-12)
+    family = topologies.OnePeerExponentialTwo(gossip.machine_size())
+    y = x
+    for step in range(12):
+        y = gossip.hierarchical_neighbor_allreduce(y, family, step)
+    sizes = np.bincount(_layout())  # ranks per machine (one collective, on every rank)
+    if gossip.machine_size() & (gossip.machine_size() - 1) == 0 and len(set(sizes)) == 1:
+        assert np.allclose(y.numpy(), mean, atol=1e-10)  # equal machines, a power of two: exact
+
+
+def test_bad_input_raises_on_every_rank():
+    machines = gossip.machine_size()
+    expect_error(lambda: gossip.hierarchical_neighbor_allreduce(torch.zeros(3), topologies.ring(machines + 2)),
+                 "machine topology has", f"{machines + 2} nodes")
+    expect_error(lambda: gossip.hierarchical_neighbor_allreduce(torch.zeros(3, dtype=torch.int64)), "float tensor")
+    expect_error(lambda: gossip.hierarchical_neighbor_allreduce(torch.zeros(3), step=-1), "step must be")
+    if N > 1:
+        expect_error(lambda: gossip.hierarchical_neighbor_allreduce(torch.zeros(4 if R == N - 1 else 3)),
+                     "hierarchical_neighbor_allreduce", error=gossip.InputMismatchError)
