@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--eval-every", type=float, default=0.1, help="seconds of training between evaluations")
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     gossip.init()
