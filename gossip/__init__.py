@@ -30,17 +30,22 @@ from gossip.context import (
     topology,
     uses_shared_memory,
 )
+from gossip.cost_model import CostModel, LinkCost
 from gossip.errors import GossipError, InputMismatchError
 from gossip.flat import FlatBuffer, group_by_dtype_and_device, shared_empty
 from gossip.handles import Handle
 from gossip.hierarchical import hierarchical_neighbor_allreduce
 from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
+from gossip.probing import probe
 from gossip.schedule import Plan, Schedule, schedule_for
 from gossip.waiting import OpTimeoutError, op_timeout, reset_waited, set_op_timeout, waited_seconds
 from gossip.window import Window, open_windows
 
 __all__ = [
+    "CostModel",
+    "LinkCost",
     "OpTimeoutError",
+    "probe",
     "Window",
     "open_windows",
     "checkpoint",
