@@ -16,6 +16,9 @@ Rabenseifner, Gropp, "Optimization of Collective Communication Operations in MPI
   machine: ring(k, intra) + d·(α + N·β + N·γ)_inter + ⌈log2 k⌉·(α + N·β)_intra;
 * no communication (a local step): 0.
 
+Every communicating plan also pays ``overhead``: the library's fixed cost per op (its cross-rank
+input check, Python, and on an oversubscribed host the scheduler), measured by the probe.
+
 The parameters come from :func:`gossip.probe` on the running job, or from a named cluster
 profile; the model predicts seconds per step for each plan.
 """
@@ -62,10 +65,13 @@ class CostModel:
     inter: LinkCost
     size: int
     ranks_per_machine: int
+    overhead: float = 0.0
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.ranks_per_machine < 1 or self.ranks_per_machine > self.size:
             raise ValueError(f"need 1 <= ranks_per_machine <= size, got {self.ranks_per_machine} and {self.size}")
+        if not (self.overhead >= 0 and math.isfinite(self.overhead)):
+            raise ValueError(f"overhead must be a finite number >= 0, got {self.overhead!r}")
 
     @property
     def machines(self) -> int:
@@ -82,18 +88,20 @@ class CostModel:
             return 0.0
         link = self._flat_link if link is None else link
         share = (n - 1) / n * nbytes
-        return 2 * (n - 1) * link.latency + 2 * share * link.inverse_bandwidth + share * link.reduce
+        return self.overhead + 2 * (n - 1) * link.latency + 2 * share * link.inverse_bandwidth + share * link.reduce
 
     def tree_allreduce(self, nbytes: float) -> float:
         steps, link = _log2(self.size), self._flat_link
-        return 2 * steps * link.message(nbytes) + steps * nbytes * link.reduce
+        if steps == 0:
+            return 0.0
+        return self.overhead + 2 * steps * link.message(nbytes) + steps * nbytes * link.reduce
 
     def gossip(self, nbytes: float, degree: int) -> float:
         """Static-graph gossip where every rank sends and receives ``degree`` messages."""
         if degree < 0:
             raise ValueError(f"degree must be >= 0, got {degree}")
         link = self._flat_link
-        return degree * (link.message(nbytes) + nbytes * link.reduce)
+        return self.overhead + degree * (link.message(nbytes) + nbytes * link.reduce) if degree else 0.0
 
     def one_peer(self, nbytes: float) -> float:
         return self.gossip(nbytes, 1) if self.size > 1 else 0.0
@@ -101,9 +109,10 @@ class CostModel:
     def hierarchical(self, nbytes: float, machine_degree: int = 1) -> float:
         """Machine allreduce (ring, intra), leaders' gossip of ``machine_degree`` (inter), machine broadcast."""
         k = self.ranks_per_machine
-        inside = self.ring_allreduce(nbytes, ranks=k, link=self.intra) + _log2(k) * self.intra.message(nbytes)
+        ring = 0.0 if k <= 1 else self.ring_allreduce(nbytes, ranks=k, link=self.intra) - self.overhead
+        inside = ring + _log2(k) * self.intra.message(nbytes)
         between = machine_degree * (self.inter.message(nbytes) + nbytes * self.inter.reduce) if self.machines > 1 else 0
-        return inside + between
+        return self.overhead + inside + between
 
     def predict(self, nbytes: float, degree: int = 1, machine_degree: int = 1) -> dict[str, float]:
         """Seconds per step of every plan for a message of ``nbytes``."""

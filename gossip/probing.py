@@ -1,13 +1,15 @@
 """Measure the cost model's parameters on the running job: ``model = gossip.probe()`` (collective).
 
-Ping-pong between rank 0 and another rank of its machine gives the intra-machine link, and
-between rank 0 and the first rank of machine 1 the inter-machine link: α is the one-way time of a
-small message, β the slope of the one-way time between the small and the large message. γ is the
-time per byte of a weighted sum (``y += w·x``) of the large message's size on rank 0. Every other
-rank waits without spinning (a polled ``MPI_Ibarrier`` with sleeps), so the measured pair has the
-cores. A link class the job does not have (one machine, or one rank per machine) takes the other
-class's values. Every rank returns the same :class:`gossip.cost_model.CostModel`. Takes well under
-a second on one machine with the defaults.
+Links are measured as the job will use them, all at once: every rank that has a partner on its
+machine (local ranks 2j and 2j+1) ping-pongs with it at the same time, which gives the
+intra-machine link; then every rank ping-pongs with the same local rank on the paired machine
+(machines 2m and 2m+1), which gives the inter-machine link. α is the one-way time of a small
+message, β the slope between the small and the large one; each is the slowest pair's (the pace of
+a collective). γ is the time per byte of a weighted sum (``y += w·x``) of the large size, while
+every rank computes one. The per-op ``overhead`` is the median time of a real one-element
+``gossip.allreduce`` (input check and Python included) less what the links predict for it. A link
+class the job does not have (one machine, or one rank per machine) takes the other class's
+values. Every rank returns the same :class:`gossip.cost_model.CostModel`; it takes about a second.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from gossip.collectives import allreduce
 from gossip.context import current
 from gossip.cost_model import CostModel, LinkCost
 
 TAG = 501
 
 
-def _ping_pong(comm: MPI.Comm, me: int, peer: int, first: bool, nbytes: int, repeats: int) -> float:
+def _ping_pong(comm: MPI.Comm, peer: int, first: bool, nbytes: int, repeats: int) -> float:
     """One-way seconds for ``nbytes`` between ``me`` and ``peer`` (the median of ``repeats`` round trips)."""
     buf = np.zeros(max(1, nbytes), dtype=np.uint8)
     times = []
@@ -40,12 +43,19 @@ def _ping_pong(comm: MPI.Comm, me: int, peer: int, first: bool, nbytes: int, rep
     return float(np.median(times[2:]))
 
 
-def _link(comm: MPI.Comm, rank: int, pair: tuple[int, int], small: int, large: int, repeats: int) -> LinkCost | None:
-    if rank not in pair:
-        return None
-    peer = pair[1] if rank == pair[0] else pair[0]
-    t_small = _ping_pong(comm, rank, peer, rank == pair[0], small, repeats)
-    t_large = _ping_pong(comm, rank, peer, rank == pair[0], large, max(3, repeats // 4))
+def _pair_times(comm: MPI.Comm, peer: int | None, first: bool, small: int, large: int, repeats: int):
+    """(one-way small, one-way large) seconds for this rank's pair, the slowest pair's over the job."""
+    mine = np.zeros(2)
+    if peer is not None:
+        mine[0] = _ping_pong(comm, peer, first, small, repeats)
+        mine[1] = _ping_pong(comm, peer, first, large, max(3, repeats // 4))
+    slowest = np.empty(2)
+    comm.Allreduce(mine, slowest, op=MPI.MAX)
+    return float(slowest[0]), float(slowest[1])
+
+
+def _link_cost(times: tuple[float, float], small: int, large: int) -> LinkCost:
+    t_small, t_large = times
     beta = max(0.0, (t_large - t_small) / (large - small))
     return LinkCost(latency=max(0.0, t_small - beta * small), inverse_bandwidth=beta)
 
@@ -61,37 +71,44 @@ def _reduce_cost(nbytes: int, repeats: int = 5) -> float:
     return float(np.median(times)) / nbytes
 
 
-def _idle_until_done(comm: MPI.Comm) -> None:
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(0.0005)
+def _op_time(repeats: int) -> float:
+    one = torch.zeros(1)
+    times = []
+    for _ in range(repeats + 2):
+        began = time.perf_counter()
+        allreduce(one)
+        times.append(time.perf_counter() - began)
+    return float(np.median(times[2:]))
 
 
 def probe(small: int = 8, large: int = 4 << 20, repeats: int = 20) -> CostModel:
-    """Collective: measure α, β per link class and γ on this job; returns the same model on every rank."""
+    """Collective: measure α, β per link class, γ and the per-op overhead on this job; returns the
+    same model on every rank."""
     if not 0 < small < large:
         raise ValueError(f"need 0 < small < large message sizes, got {small} and {large}")
     rt = current()
-    comm, rank, size = rt.comm, rt.rank, rt.size
-    machine_of = comm.allgather(rt.machine_rank)
-    local_sizes = comm.allgather(rt.local_comm.size)
-    same = [r for r in range(1, size) if machine_of[r] == machine_of[0]]
-    other = [r for r in range(1, size) if machine_of[r] != machine_of[0]]
-    measured = {}
-    for name, peers in (("intra", same), ("inter", other)):
-        if peers:
-            link = _link(comm, rank, (0, peers[0]), small, large, repeats)
-            if link is None:
-                _idle_until_done(comm)
-            else:
-                comm.Ibarrier().Wait()
-            measured[name] = link
-    reduce = _reduce_cost(large) if rank == 0 else None
-    layout = {name: (link.latency, link.inverse_bandwidth) for name, link in measured.items() if link is not None}
-    layout, reduce = comm.bcast((layout, reduce) if rank == 0 else None, root=0)
-    if not layout:  # a single rank: nothing to measure
-        layout = {"intra": (0.0, 0.0)}
-    intra = layout.get("intra", layout.get("inter"))
-    inter = layout.get("inter", intra)
-    return CostModel(intra=LinkCost(*intra, reduce=reduce), inter=LinkCost(*inter, reduce=reduce), size=size,
-                     ranks_per_machine=max(local_sizes))
+    comm, size = rt.comm, rt.size
+    local, machine, machines = rt.local_comm, rt.machine_rank, rt.machine_size
+    local_sizes = comm.allgather(local.size)
+    by_place = {place: r for r, place in enumerate(comm.allgather((machine, local.rank)))}
+    links = {}
+    partner = local.rank ^ 1
+    if max(local_sizes) > 1:
+        peer = by_place.get((machine, partner))
+        links["intra"] = _pair_times(comm, peer, local.rank < partner, small, large, repeats)
+    if machines > 1:
+        peer = by_place.get((machine ^ 1, local.rank))
+        links["inter"] = _pair_times(comm, peer, machine < (machine ^ 1), small, large, repeats)
+    reduce = np.array([_reduce_cost(large)])
+    comm.Allreduce(MPI.IN_PLACE, reduce, op=MPI.MAX)
+    if not links:  # a single rank: nothing to measure
+        return CostModel(LinkCost(0.0, 0.0, float(reduce[0])), LinkCost(0.0, 0.0, float(reduce[0])), size, 1)
+    intra = _link_cost(links.get("intra", links.get("inter")), small, large)
+    inter = _link_cost(links.get("inter", links.get("intra")), small, large)
+    intra = LinkCost(intra.latency, intra.inverse_bandwidth, float(reduce[0]))
+    inter = LinkCost(inter.latency, inter.inverse_bandwidth, float(reduce[0]))
+    bare = CostModel(intra, inter, size, max(local_sizes))
+    op = np.array([_op_time(repeats)])
+    comm.Allreduce(MPI.IN_PLACE, op, op=MPI.MAX)
+    overhead = max(0.0, float(op[0]) - min(bare.ring_allreduce(4), bare.tree_allreduce(4)))
+    return CostModel(intra, inter, size, max(local_sizes), overhead=overhead)

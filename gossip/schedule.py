@@ -16,10 +16,12 @@ import torch
 
 from gossip import collectives, context, neighbor
 from gossip.handles import Handle
-from topologies import DynamicTopology, mixing_matrix
+from gossip.hierarchical import hierarchical_neighbor_allreduce
+from topologies import DynamicTopology, OnePeerExponentialTwo, mixing_matrix
 
 NEIGHBOR = "neighbor_allreduce"
 ALLREDUCE = "allreduce"
+HIERARCHICAL = "hierarchical"
 NOTHING = "none"
 
 
@@ -29,13 +31,17 @@ class Plan:
 
     ``op`` is ``"neighbor_allreduce"`` (with ``self_weight``/``src_weights``/``dst_weights``:
     a time-varying step; without them: the runtime's static topology), ``"allreduce"`` (exact
-    mean over all ranks) or ``"none"`` (the tensor is its own result).
+    mean over all ranks), ``"hierarchical"`` (machine average, then ``machine_topology`` between
+    machines at ``machine_step``: :func:`gossip.hierarchical_neighbor_allreduce`) or ``"none"``
+    (the tensor is its own result).
     """
 
     op: str
     self_weight: float | None = None
     src_weights: dict[int, float] | None = field(default=None)
     dst_weights: dict[int, float] | None = field(default=None)
+    machine_topology: object = None
+    machine_step: int = 0
 
     def start(self, tensor: torch.Tensor, out: torch.Tensor) -> Handle:
         """Start the plan on ``tensor`` writing ``out`` (which must not overlap it); ``wait()`` returns ``out``.
@@ -51,6 +57,8 @@ class Plan:
                                                      out=out)
         if self.op == ALLREDUCE:
             collectives.allreduce(tensor, "mean", out=out)
+        elif self.op == HIERARCHICAL:
+            hierarchical_neighbor_allreduce(tensor, self.machine_topology, self.machine_step, out=out)
         elif self.op == NOTHING:
             out.copy_(tensor)
         else:
@@ -113,6 +121,34 @@ class DynamicSchedule(Schedule):
 
     def describe(self) -> str:
         return f"{type(self.topology).__name__} (time-varying, point-to-point)"
+
+
+class HierarchicalSchedule(Schedule):
+    """Hierarchical gossip every step: exact average within each machine, ``machine_topology``
+    between machines (a static graph over the machines, or a time-varying family stepped with the
+    optimizer; default one-peer exponential-2 over the machines), shared within each machine."""
+
+    def __init__(self, machine_topology: nx.DiGraph | DynamicTopology | None = None) -> None:
+        machines = context.machine_size()
+        if machine_topology is None:
+            machine_topology = OnePeerExponentialTwo(machines)
+        n = machine_topology.n if isinstance(machine_topology, DynamicTopology) else machine_topology.number_of_nodes()
+        if n != machines:
+            raise ValueError(f"the machine topology has {n} nodes, the job has {machines} machines")
+        self.machine_topology = machine_topology
+        self._static = None if isinstance(machine_topology, DynamicTopology) else Plan(HIERARCHICAL,
+                                                                                        machine_topology=machine_topology)
+
+    def plan(self, step: int) -> Plan:
+        if self._static is not None:
+            return self._static
+        return Plan(HIERARCHICAL, machine_topology=self.machine_topology, machine_step=step)
+
+    def describe(self) -> str:
+        between = (type(self.machine_topology).__name__ if isinstance(self.machine_topology, DynamicTopology)
+                   else "a static graph")
+        return (f"hierarchical: average within each of {context.machine_size()} machines "
+                f"({context.local_size()} ranks here), {between} between machines")
 
 
 class AllreduceSchedule(Schedule):
@@ -219,7 +255,8 @@ def schedule_for(topology: nx.DiGraph | DynamicTopology | Schedule | str | None 
     """The schedule for a topology argument as optimizers take it.
 
     ``None``: the runtime's static topology; a ``networkx`` graph: that static graph; a
-    :class:`topologies.DynamicTopology`: its per-step peers; ``"allreduce"`` / ``"none"``; a
+    :class:`topologies.DynamicTopology`: its per-step peers; ``"allreduce"`` / ``"none"``;
+    ``"hierarchical"`` (:class:`HierarchicalSchedule` with one-peer exponential-2 between machines); a
     :class:`Schedule`: itself. ``global_avg_every`` = H wraps it in :class:`PeriodicGlobalAverage`.
     """
     if isinstance(topology, Schedule):
@@ -230,11 +267,13 @@ def schedule_for(topology: nx.DiGraph | DynamicTopology | Schedule | str | None 
         schedule = DynamicSchedule(topology)
     elif topology == ALLREDUCE:
         schedule = AllreduceSchedule()
+    elif topology == HIERARCHICAL:
+        schedule = HierarchicalSchedule()
     elif topology == NOTHING:
         schedule = NoCommunication()
     else:
         raise ValueError(f"topology must be a networkx DiGraph, a topologies.DynamicTopology, a Schedule, "
-                         f"'allreduce', 'none' or None; got {topology!r}")
+                         f"'allreduce', 'hierarchical', 'none' or None; got {topology!r}")
     if global_avg_every is not None:
         schedule = PeriodicGlobalAverage(schedule, global_avg_every)
     return schedule

@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Decentralized training with gossip (see mpirun_examples/train.py)")
     parser.add_argument("--config", help="TOML or YAML file whose keys are the long options below (dashes or _)")
     parser.add_argument("--algorithm", help=f"one of {', '.join(algorithms.available())}")
-    parser.add_argument("--topology", help="a name from topologies.topology_names(), e.g. ring, exp2, one-peer-exp2")
+    parser.add_argument("--topology", help="a name from topologies.topology_names(), e.g. ring, exp2, one-peer-exp2; "
+                        "or hierarchical (average within each machine, one-peer exp-2 between machines)")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--momentum", type=float)
     parser.add_argument("--weight-decay", type=float)
@@ -194,6 +195,8 @@ def epoch_steps(batch_sizes: list[int], samples_per_epoch: int, epochs: int) -> 
 
 
 def make_topology(args: argparse.Namespace, n: int):
+    if args.topology == "hierarchical":  # machine average + one-peer exponential-2 between machines
+        return "hierarchical"
     try:
         return topologies.by_name(args.topology, n, seed=args.seed, local_size=gossip.local_size())
     except ValueError as error:

@@ -41,6 +41,16 @@ def test_limits_and_orderings():
     assert math.isinf(LinkCost(0.0, 0.0).bandwidth) and INTER.bandwidth == pytest.approx(1e9)
 
 
+def test_overhead_is_paid_once_per_communicating_op():
+    plain = CostModel(INTRA, INTER, size=8, ranks_per_machine=4)
+    loaded = CostModel(INTRA, INTER, size=8, ranks_per_machine=4, overhead=1e-3)
+    for plan in ("ring_allreduce", "tree_allreduce", "one_peer", "hierarchical"):
+        assert getattr(loaded, plan)(1e6) == pytest.approx(getattr(plain, plan)(1e6) + 1e-3), plan
+    assert loaded.gossip(1e6, 0) == 0 and loaded.predict(1e6)["no communication"] == 0
+    with pytest.raises(ValueError, match="overhead"):
+        CostModel(INTRA, INTER, size=4, ranks_per_machine=2, overhead=-1.0)
+
+
 def test_bad_parameters():
     with pytest.raises(ValueError, match="latency"):
         LinkCost(latency=-1.0, inverse_bandwidth=0.0)

@@ -5,9 +5,12 @@ Run with GOSSIP_RANKS_PER_MACHINE=k to pretend k ranks per machine on one host."
 import numpy as np
 import torch
 from _common import WORLD, expect_error, rank_values
+from algorithms_sync import TOL, gather, loss_of, make_model
 
+import algorithms
 import gossip
 import topologies
+from gossip.schedule import HierarchicalSchedule, schedule_for
 
 N = WORLD.size
 R = WORLD.rank
@@ -78,3 +81,27 @@ def test_bad_input_raises_on_every_rank():
     if N > 1:
         expect_error(lambda: gossip.hierarchical_neighbor_allreduce(torch.zeros(4 if R == N - 1 else 3)),
                      "hierarchical_neighbor_allreduce", error=gossip.InputMismatchError)
+
+
+def test_dsgd_on_a_hierarchical_schedule_follows_its_equation():
+    """x ← W_h (x − γ g) with W_h[i, j] = W_machines(k)[M(i), M(j)] / |M(j)|, step by step."""
+    machine_of = _layout()
+    sizes = np.bincount(machine_of)
+    family = topologies.OnePeerExponentialTwo(gossip.machine_size())
+    for schedule, w_machines in ((HierarchicalSchedule(), family.mixing_matrix),
+                                 (HierarchicalSchedule(topologies.ring(gossip.machine_size())),
+                                  lambda k: topologies.to_matrix(topologies.ring(gossip.machine_size()))),
+                                 (schedule_for("hierarchical"), family.mixing_matrix)):
+        assert "hierarchical" in schedule.describe()
+        model = make_model(seed=2)
+        opt = algorithms.create("dsgd", model.parameters(), lr=0.1, topology=schedule)
+        x = gather(opt.x)
+        for step in range(4):
+            opt.zero_grad()
+            loss_of(model, step).backward()
+            g = gather(opt.g)
+            opt.step()
+            w = w_machines(step)[machine_of][:, machine_of] / sizes[machine_of][None, :]
+            x = w @ (x - 0.1 * g)
+            assert np.allclose(gather(opt.x), x, rtol=TOL, atol=TOL), step
+    expect_error(lambda: HierarchicalSchedule(topologies.ring(gossip.machine_size() + 3)), "machine topology has")
