@@ -98,12 +98,11 @@ def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.D
             _gossip_between_machines(rt, mean, machine_topology, machine, step)
         waiting.wait([rt.local_comm.Ibcast([recv, numel, datatype], root=0)],
                      "hierarchical_neighbor_allreduce: machine broadcast", nbytes=mean.numel() * mean.element_size())
-        result = mean.view(tensor.shape).to(tensor.device, tensor.dtype, copy=True)
+        if out is not None:  # straight into the caller's buffer (converting dtype and device as needed)
+            return out.copy_(mean.view(out.shape))
+        return mean.view(tensor.shape).to(tensor.device, tensor.dtype, copy=True)
     finally:
         rt.pool.release(mean)
-    if out is not None:
-        return out.copy_(result)
-    return result
 
 
 def _gossip_between_machines(rt, mean: torch.Tensor, machine_topology, machine: int, step: int) -> None:
