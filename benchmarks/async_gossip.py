@@ -59,11 +59,11 @@ def run(name: str, slow: bool, seed: int, args, data, shard) -> dict:
     start = time.perf_counter()
     while True:
         now = time.perf_counter() - start - paused
-        if synchronous and steps % 8 == 0:  # all ranks must stop at the same step: one decision every 8
-            over = gossip.allreduce(torch.tensor([float(now >= args.budget)]), "sum").item() > 0
+        if synchronous:  # all ranks must stop at the same step: one joint decision every 8 steps
+            over = steps % 8 == 0 and gossip.allreduce(torch.tensor([float(now >= args.budget)]), "sum").item() > 0
         else:
             over = now >= args.budget
-        if over and (not synchronous or steps % 8 == 0):
+        if over:
             break
         if now >= next_eval:
             evaluating = time.perf_counter()

@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         guesses = {"allreduce (MPI)": min(model.ring_allreduce(nbytes), model.tree_allreduce(nbytes)),
                    f"static exp-2 (degree {degree})": predicted[f"static gossip (degree {degree})"],
                    "one-peer exp-2": predicted["one-peer gossip"], "hierarchical": model.hierarchical(nbytes)}
-        for (plan, call), guess in zip(plans(x, rank, one_peer, machines, degree).items(), guesses.values(),
-                                       strict=True):
-            rows.append({"bytes": nbytes, "plan": plan, "predicted": guess, "measured": timed(call, repeats)})
+        for plan, call in plans(x, rank, one_peer, machines, degree).items():
+            rows.append({"bytes": nbytes, "plan": plan, "predicted": guesses[plan], "measured": timed(call, repeats)})
     if rank == 0:
         print(f"n = {n}, {gossip.machine_size()} machine(s) of up to {model.ranks_per_machine} ranks; probed: "
               f"intra α = {model.intra.latency * 1e6:.2f} µs, {model.intra.bandwidth / 1e9:.2f} GB/s; "

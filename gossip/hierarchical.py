@@ -28,23 +28,11 @@ from gossip import waiting
 from gossip.collectives import _agree_all
 from gossip.context import current
 from gossip.tensors import mpi_datatype
-from topologies import DynamicTopology, exponential_two
+from topologies import DynamicTopology, GraphSequence, StepPeers, exponential_two
 from topologies.weights import with_weights
 
 TAG = 401
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _machine_peers(machine_topology, machines: int, machine: int, step: int):
-    """(self weight, {source machine: weight}, {destination machine: scale}) of ``machine`` at ``step``."""
-    if isinstance(machine_topology, DynamicTopology):
-        peers = machine_topology.peers(step, machine)
-        return peers.self_weight, dict(peers.src_weights), dict(peers.dst_weights)
-    graph = machine_topology
-    self_weight = float(graph[machine][machine]["weight"]) if graph.has_edge(machine, machine) else 0.0
-    sources = {int(j): float(graph[j][machine]["weight"]) for j in graph.predecessors(machine) if j != machine}
-    destinations = {int(d): 1.0 for d in graph.successors(machine) if d != machine}
-    return self_weight, sources, destinations
 
 
 def _describe(machine_topology) -> tuple:
@@ -66,16 +54,15 @@ def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.D
         problem = f"hierarchical_neighbor_allreduce takes a float tensor, got {getattr(tensor, 'dtype', type(tensor))}"
     if machine_topology is None:
         machine_topology = exponential_two(machines)
-    elif problem is None and isinstance(machine_topology, DynamicTopology):
-        if machine_topology.n != machines:
-            problem = f"the machine topology has {machine_topology.n} nodes for {machines} machines"
-    elif problem is None:
+    family = machine_topology  # a static graph becomes a one-graph sequence: one way to read peers
+    if problem is None and not isinstance(machine_topology, DynamicTopology):
         try:
             machine_topology = with_weights(machine_topology)
-            if machine_topology.number_of_nodes() != machines:
-                problem = f"the machine topology has {machine_topology.number_of_nodes()} nodes for {machines} machines"
+            family = GraphSequence([machine_topology])
         except (TypeError, ValueError) as error:
             problem = f"invalid machine topology: {error}"
+    if problem is None and family.n != machines:
+        problem = f"the machine topology has {family.n} nodes for {machines} machines"
     if problem is None and (not isinstance(step, int | np.integer) or step < 0):
         problem = f"step must be an int >= 0, got {step!r}"
     shape = tuple(tensor.shape) if problem is None else None
@@ -95,7 +82,7 @@ def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.D
                      "hierarchical_neighbor_allreduce: machine allreduce", nbytes=host.numel() * host.element_size())
         mean.div_(rt.local_comm.size)
         if rt.local_comm.rank == 0 and machines > 1:
-            _gossip_between_machines(rt, mean, machine_topology, machine, step)
+            _gossip_between_machines(rt, mean, family.peers(step, machine))
         waiting.wait([rt.local_comm.Ibcast([recv, numel, datatype], root=0)],
                      "hierarchical_neighbor_allreduce: machine broadcast", nbytes=mean.numel() * mean.element_size())
         if out is not None:  # straight into the caller's buffer (converting dtype and device as needed)
@@ -105,9 +92,9 @@ def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.D
         rt.pool.release(mean)
 
 
-def _gossip_between_machines(rt, mean: torch.Tensor, machine_topology, machine: int, step: int) -> None:
+def _gossip_between_machines(rt, mean: torch.Tensor, peers: StepPeers) -> None:
     """On a machine's leader: mean ← W_MM mean + Σ W_MM' s_M'M mean_M' over the leaders' communicator."""
-    self_weight, sources, destinations = _machine_peers(machine_topology, rt.machine_size, machine, step)
+    self_weight, sources, destinations = peers.self_weight, peers.src_weights, peers.dst_weights
     leaders = rt.leaders_comm
     numel, datatype = mean.numel(), mpi_datatype(mean.dtype)
     received = {src: rt.pool.acquire(numel, mean.dtype, torch.device("cpu")) for src in sources}

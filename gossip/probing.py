@@ -28,7 +28,7 @@ TAG = 501
 
 
 def _ping_pong(comm: MPI.Comm, peer: int, first: bool, nbytes: int, repeats: int) -> float:
-    """One-way seconds for ``nbytes`` between ``me`` and ``peer`` (the median of ``repeats`` round trips)."""
+    """One-way seconds for ``nbytes`` between this rank and ``peer`` (the median of ``repeats`` round trips)."""
     buf = np.zeros(max(1, nbytes), dtype=np.uint8)
     times = []
     for _ in range(repeats + 2):  # two warm-up round trips
@@ -54,10 +54,10 @@ def _pair_times(comm: MPI.Comm, peer: int | None, first: bool, small: int, large
     return float(slowest[0]), float(slowest[1])
 
 
-def _link_cost(times: tuple[float, float], small: int, large: int) -> LinkCost:
+def _link_cost(times: tuple[float, float], small: int, large: int, reduce: float) -> LinkCost:
     t_small, t_large = times
     beta = max(0.0, (t_large - t_small) / (large - small))
-    return LinkCost(latency=max(0.0, t_small - beta * small), inverse_bandwidth=beta)
+    return LinkCost(latency=max(0.0, t_small - beta * small), inverse_bandwidth=beta, reduce=reduce)
 
 
 def _reduce_cost(nbytes: int, repeats: int = 5) -> float:
@@ -99,14 +99,13 @@ def probe(small: int = 8, large: int = 4 << 20, repeats: int = 20) -> CostModel:
     if machines > 1:
         peer = by_place.get((machine ^ 1, local.rank))
         links["inter"] = _pair_times(comm, peer, machine < (machine ^ 1), small, large, repeats)
-    reduce = np.array([_reduce_cost(large)])
-    comm.Allreduce(MPI.IN_PLACE, reduce, op=MPI.MAX)
+    slowest = np.array([_reduce_cost(large)])
+    comm.Allreduce(MPI.IN_PLACE, slowest, op=MPI.MAX)
+    reduce = float(slowest[0])
     if not links:  # a single rank: nothing to measure
-        return CostModel(LinkCost(0.0, 0.0, float(reduce[0])), LinkCost(0.0, 0.0, float(reduce[0])), size, 1)
-    intra = _link_cost(links.get("intra", links.get("inter")), small, large)
-    inter = _link_cost(links.get("inter", links.get("intra")), small, large)
-    intra = LinkCost(intra.latency, intra.inverse_bandwidth, float(reduce[0]))
-    inter = LinkCost(inter.latency, inter.inverse_bandwidth, float(reduce[0]))
+        return CostModel(LinkCost(0.0, 0.0, reduce), LinkCost(0.0, 0.0, reduce), size, 1)
+    intra = _link_cost(links.get("intra", links.get("inter")), small, large, reduce)
+    inter = _link_cost(links.get("inter", links.get("intra")), small, large, reduce)
     bare = CostModel(intra, inter, size, max(local_sizes))
     op = np.array([_op_time(repeats)])
     comm.Allreduce(MPI.IN_PLACE, op, op=MPI.MAX)

@@ -51,18 +51,16 @@ def reset_waited() -> None:
     _waited = 0.0
 
 
-def wait(requests: Sequence[MPI.Request], what: str, peers: Sequence[int] | None = None,
-         nbytes: int | None = None) -> None:
-    """Complete ``requests`` of the op ``what`` (on ``peers``; None: all ranks)."""
+def _block(block, test, what: str, peers: Sequence[int] | None, nbytes: int | None) -> tuple[float, float]:
+    """Run ``block()``; with an op timeout, poll ``test()`` instead and raise past the deadline.
+    Counts the time as waiting; returns (begin, end)."""
     global _waited
-    if not requests:
-        return
     begin = time.perf_counter()
     if _op_timeout is None:
-        MPI.Request.Waitall(requests)
+        block()
     else:
         deadline = begin + _op_timeout
-        while not MPI.Request.Testall(requests):
+        while not test():
             if time.perf_counter() > deadline:
                 size = f" of {nbytes} bytes" if nbytes is not None else ""
                 raise OpTimeoutError(
@@ -72,6 +70,16 @@ def wait(requests: Sequence[MPI.Request], what: str, peers: Sequence[int] | None
             os.sched_yield()
     end = time.perf_counter()
     _waited += end - begin
+    return begin, end
+
+
+def wait(requests: Sequence[MPI.Request], what: str, peers: Sequence[int] | None = None,
+         nbytes: int | None = None) -> None:
+    """Complete ``requests`` of the op ``what`` (on ``peers``; None: all ranks)."""
+    if not requests:
+        return
+    begin, end = _block(lambda: MPI.Request.Waitall(requests), lambda: MPI.Request.Testall(requests), what, peers,
+                        nbytes)
     if timeline.active():
         timeline.record(f"wait {what}", "communication", begin, end, args=timeline.op_args(peers, nbytes))
 
@@ -79,17 +87,5 @@ def wait(requests: Sequence[MPI.Request], what: str, peers: Sequence[int] | None
 def probe(comm: MPI.Comm, source: int, tag: int, status: MPI.Status, what: str) -> None:
     """``MPI_Probe`` for a message from ``source`` under the same watchdog as :func:`wait` (it polls
     with ``MPI_Iprobe`` when an op timeout is set); the time counts as waiting."""
-    global _waited
-    begin = time.perf_counter()
-    if _op_timeout is None:
-        comm.Probe(source=source, tag=tag, status=status)
-    else:
-        deadline = begin + _op_timeout
-        while not comm.Iprobe(source=source, tag=tag, status=status):
-            if time.perf_counter() > deadline:
-                raise OpTimeoutError(
-                    f"rank {MPI.COMM_WORLD.rank}: {what} has waited more than {_op_timeout:g} s for "
-                    f"{timeline.describe_peers([source])} (GOSSIP_OP_TIMEOUT): a peer failed, is far behind, or is "
-                    f"in a different operation")
-            os.sched_yield()
-    _waited += time.perf_counter() - begin
+    _block(lambda: comm.Probe(source=source, tag=tag, status=status),
+           lambda: comm.Iprobe(source=source, tag=tag, status=status), what, [source], None)

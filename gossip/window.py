@@ -97,6 +97,7 @@ class Window:
         self.rank = rank
         self.graph = graph
         self.sources = _sources_of(graph, rank)
+        self._slot_of = {src: 1 + k for k, src in enumerate(self.sources)}  # each in-neighbour's slot here
         self.destinations = sorted(d for d in graph.successors(rank) if d != rank)
         self._np_dtype, self._mpi_dtype = _DTYPES[tensor.dtype]
         self.numel = tensor.numel()
@@ -235,8 +236,7 @@ class Window:
             fetched[src] = into
         with self._own_lock():
             for src, values in fetched.items():
-                k = self.sources.index(src)
-                np.multiply(values, weights[src], out=self._slots[1 + k])
+                np.multiply(values, weights[src], out=self._slots[self._slot_of[src]])
                 self._all_counters[src] += 1
 
     # --- the owner's side -------------------------------------------------------------------------
@@ -266,13 +266,11 @@ class Window:
         with self._own_lock():
             np.multiply(self._host(self.tensor), self_weight, out=combined)
             for src, weight in weights.items():
-                combined += weight * self._slots[1 + self.sources.index(src)]
+                combined += weight * self._slots[self._slot_of[src]]
             self._slots[0] = combined
             if reset_versions:
                 self._all_counters[:] = 0
-        with torch.no_grad():
-            self.tensor.copy_(torch.from_numpy(combined).view(self.tensor.shape))
-        return self.tensor
+        return self._set_tensor(combined)
 
     def update_arrived(self) -> list[int]:
         """Fold in only what arrived since the last update: with A the in-neighbours whose version
@@ -288,13 +286,18 @@ class Window:
                 return []
             combined[:] = self._host(self.tensor)
             for src in arrived:
-                combined += self._slots[1 + self.sources.index(src)]
+                combined += self._slots[self._slot_of[src]]
                 self._all_counters[src] = 0
             combined *= 1.0 / (1 + len(arrived))
             self._slots[0] = combined
-        with torch.no_grad():
-            self.tensor.copy_(torch.from_numpy(combined).view(self.tensor.shape))
+        self._set_tensor(combined)
         return arrived
+
+    def _set_tensor(self, values: np.ndarray) -> torch.Tensor:
+        """Write a fold's result (host memory) into the window's tensor, in place; returns the tensor."""
+        with torch.no_grad():
+            self.tensor.copy_(torch.from_numpy(values).view(self.tensor.shape))
+        return self.tensor
 
     # --- lifetime ---------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from train_support import (
     optimizer_settings,
     parse_args,
     server_record,
-    slow_ranks,
+    step_delay,
 )
 
 import algorithms
@@ -68,7 +68,7 @@ def main() -> int:
     stream = BatchStream(data.x_train[shard].to(device), data.y_train[shard].to(device), args.batch_size,
                          seed=args.seed * 100_003 + rank)
     steps_per_epoch = math.ceil(len(data.x_train) / (n * args.batch_size))  # the same on every rank
-    delay = args.slow_delay if rank in slow_ranks(args) else 0.0
+    delay = step_delay(args, rank)
 
     torch.manual_seed(args.seed)
     model = make_model(args, data).to(device)
@@ -180,7 +180,7 @@ def train_with_server(args, data, device: torch.device) -> int:
         shard = partition(data.y_train, n - 1, args.alpha, seed=args.seed)[rank - 1]
         stream = BatchStream(data.x_train[shard].to(device), data.y_train[shard].to(device), args.batch_size,
                              seed=args.seed * 100_003 + rank)
-        delay = args.slow_delay if rank in slow_ranks(args) else 0.0
+        delay = step_delay(args, rank)
         while not optimizer.stopped:
             x, y = stream.next()
             optimizer.zero_grad()

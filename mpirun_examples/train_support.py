@@ -149,6 +149,11 @@ def slow_ranks(args: argparse.Namespace) -> set[int]:
     return {int(r) for r in str(args.slow_ranks).split(",") if r.strip()}
 
 
+def step_delay(args: argparse.Namespace, rank: int) -> float:
+    """Seconds ``rank`` sleeps after each step: ``--slow-delay`` on the ``--slow-ranks``, else 0."""
+    return args.slow_delay if rank in slow_ranks(args) else 0.0
+
+
 def _base(args: argparse.Namespace) -> str:
     """The algorithm that runs every step: --base for slowmo and bmuf, else --algorithm."""
     return args.base if args.algorithm in OUTER else args.algorithm
