@@ -75,16 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(max(1, size // 4))
         nbytes = x.numel() * 4
         repeats = args.repeats if nbytes < 2e7 else max(3, args.repeats // 3)
-        predicted = model.predict(nbytes, degree=degree)
         guesses = {"allreduce (MPI)": min(model.ring_allreduce(nbytes), model.tree_allreduce(nbytes)),
-                   f"static exp-2 (degree {degree})": predicted[f"static gossip (degree {degree})"],
-                   "one-peer exp-2": predicted["one-peer gossip"], "hierarchical": model.hierarchical(nbytes)}
+                   f"static exp-2 (degree {degree})": model.exponential(nbytes),
+                   "one-peer exp-2": model.one_peer(nbytes), "hierarchical": model.hierarchical(nbytes)}
         for plan, call in plans(x, rank, one_peer, machines, degree).items():
             rows.append({"bytes": nbytes, "plan": plan, "predicted": guesses[plan], "measured": timed(call, repeats)})
     if rank == 0:
         print(f"n = {n}, {gossip.machine_size()} machine(s) of up to {model.ranks_per_machine} ranks; probed: "
               f"intra α = {model.intra.latency * 1e6:.2f} µs, {model.intra.bandwidth / 1e9:.2f} GB/s; "
-              f"inter α = {model.inter.latency * 1e6:.2f} µs, {model.inter.bandwidth / 1e9:.2f} GB/s; "
+              f"inter α = {model.inter.latency * 1e6:.2f} µs, {model.inter.bandwidth / 1e9:.2f} GB/s per machine; "
               f"γ = {model.intra.reduce * 1e9:.3f} ns/byte")
         print(f"{'bytes':>10} {'plan':<24} {'predicted':>12} {'measured':>12} {'measured/predicted':>19}")
         for row in rows:

@@ -17,6 +17,7 @@ from gossip.context import (
     in_neighbors,
     init,
     is_initialized,
+    layout,
     local_rank,
     local_size,
     machine_rank,
@@ -38,6 +39,7 @@ from gossip.hierarchical import hierarchical_neighbor_allreduce
 from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
 from gossip.probing import probe
 from gossip.schedule import Plan, Schedule, schedule_for
+from gossip.scheduler import Scheduler
 from gossip.waiting import OpTimeoutError, op_timeout, reset_waited, set_op_timeout, waited_seconds
 from gossip.window import Window, open_windows
 
@@ -61,6 +63,7 @@ __all__ = [
     "InputMismatchError",
     "Plan",
     "Schedule",
+    "Scheduler",
     "allgather",
     "allreduce",
     "barrier",
@@ -72,6 +75,7 @@ __all__ = [
     "in_neighbors",
     "init",
     "is_initialized",
+    "layout",
     "local_rank",
     "local_size",
     "machine_rank",

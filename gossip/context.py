@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 from mpi4py import MPI
 
 from gossip import timeline, waiting
@@ -31,6 +32,28 @@ _ENV_OP_TIMEOUT = "GOSSIP_OP_TIMEOUT"
 _ENV_TIMELINE = "GOSSIP_TIMELINE"
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The job's hardware layout, the same on every rank.
+
+    ``size`` ranks on ``machines`` machines, at most ``ranks_per_machine`` on one (``local_size``
+    on this rank's), and ``gpus_per_machine`` CUDA devices visible on each (the most any rank sees;
+    0 without CUDA).
+    """
+
+    size: int
+    machines: int
+    ranks_per_machine: int
+    local_size: int
+    gpus_per_machine: int
+
+
+def _discover_layout(comm: MPI.Comm, local: MPI.Comm, machines: int) -> Layout:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    every = comm.allgather((local.size, gpus))
+    return Layout(comm.size, machines, max(k for k, _ in every), local.size, max(g for _, g in every))
+
+
 @dataclass
 class Runtime:
     """Everything the ops need: communicators, layout, topology and settings."""
@@ -44,6 +67,7 @@ class Runtime:
     check: bool
     transport: Transport
     node_memory: NodeMemory
+    layout: Layout
     pool: BufferPool = field(default_factory=BufferPool)
 
     @property
@@ -145,6 +169,7 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
         check=_env_flag(_ENV_CHECK, True) if check is None else bool(check),
         transport=Transport(detect_cuda_aware(), pool),
         node_memory=NodeMemory(comm, enabled=_env_flag(_ENV_SHARED_MEMORY, True)),
+        layout=_discover_layout(comm, local, machine_size),
         pool=pool,
     )
     if _env_flag(_ENV_ABORT, True):
@@ -208,6 +233,11 @@ def machine_rank() -> int:
 def machine_size() -> int:
     """Number of machines."""
     return current().machine_size
+
+
+def layout() -> Layout:
+    """The job's hardware layout: ranks, machines, ranks and GPUs per machine (:class:`Layout`)."""
+    return current().layout
 
 
 def cuda_aware() -> bool:

@@ -1,31 +1,37 @@
 """An α–β–γ cost model of one step's communication, per link class (intra-machine, inter-machine).
 
 A message of m bytes over a link costs α + β·m (latency α in seconds, inverse bandwidth β in
-seconds per byte); reducing m bytes (a weighted sum) costs γ·m. With n ranks, k per machine,
-M = n/k machines and a model of N bytes, the plans cost (the standard derivations: Thakur,
-Rabenseifner, Gropp, "Optimization of Collective Communication Operations in MPICH", IJHPCA 2005):
+seconds per byte); reducing m bytes (a weighted sum) costs γ·m. The intra-machine β is per rank;
+the inter-machine β is per machine (its network interface), shared by every message that leaves
+the machine at once. Ranks sit on machines in consecutive blocks of k (n ranks, M = ⌈n/k⌉
+machines); a model has N bytes. The plans cost (the collective derivations: Thakur, Rabenseifner,
+Gropp, "Optimization of Collective Communication Operations in MPICH", IJHPCA 2005):
 
-* ring allreduce (reduce-scatter + allgather): 2(n−1)·α + 2·(n−1)/n·N·β + (n−1)/n·N·γ, on the
-  slowest link the ring crosses (inter-machine when M > 1);
-* tree allreduce (binomial reduce + broadcast): 2⌈log2 n⌉·(α + N·β) + ⌈log2 n⌉·N·γ;
-* static-graph gossip of degree d: every rank sends d and receives d messages of N bytes, which
-  share its link: d·α + d·N·β + d·N·γ (inter-machine when M > 1: some neighbour is elsewhere);
-* one-peer gossip: the same with d = 1;
-* hierarchical gossip: a ring allreduce among the k ranks of a machine on the intra link, gossip of
-  degree d between the M machines' leaders on the inter link, and a binomial broadcast inside the
-  machine: ring(k, intra) + d·(α + N·β + N·γ)_inter + ⌈log2 k⌉·(α + N·β)_intra;
+* ring allreduce (reduce-scatter + allgather): 2(n−1)·α + 2·(n−1)/n·N·β + (n−1)/n·N·γ; the ring
+  leaves each machine on one link, so α and β are the slower class's (inter when M > 1);
+* tree allreduce (binomial reduce + broadcast): 2⌈log2 n⌉·(α + N·β) + ⌈log2 n⌉·N·γ, same links;
+* circulant gossip, every rank r sending N bytes to r + o for each offset o at once (static
+  exponential-2: o = 1, 2, 4, …): Σ_o α_o + max(F·N·β_inter, D·N·β_intra) + |O|·N·γ, where F is
+  the number of messages leaving one machine (they share its interface), D the most messages one
+  rank sends inside its machine, and α_o the inter latency if offset o leaves some machine;
+* one-peer exponential-2: the mean over its period of circulant gossip with one offset 2^i; a
+  small offset leaves the machine for only o of its k ranks, a large one for all k;
+* hierarchical gossip: a ring allreduce among the k ranks of a machine on the intra link, one
+  message per machine leader on the inter link per machine-level peer, and a binomial broadcast
+  inside the machine: ring(k, intra) + d·(α + N·β + N·γ)_inter + ⌈log2 k⌉·(α + N·β)_intra;
 * no communication (a local step): 0.
 
 Every communicating plan also pays ``overhead``: the library's fixed cost per op (its cross-rank
 input check, Python, and on an oversubscribed host the scheduler), measured by the probe.
 
-The parameters come from :func:`gossip.probe` on the running job, or from a named cluster
-profile; the model predicts seconds per step for each plan.
+The parameters come from :func:`gossip.probe` on the running job, or from a cluster profile
+(``benchmarks/simulate_scale.py``); the model predicts seconds per step for each plan.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -51,6 +57,11 @@ class LinkCost:
     def bandwidth(self) -> float:
         """Bytes per second (1/β)."""
         return math.inf if self.inverse_bandwidth == 0 else 1.0 / self.inverse_bandwidth
+
+
+def _powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, … < n: the exponential-2 offsets."""
+    return [1 << i for i in range(max(0, math.ceil(math.log2(n))))] if n > 1 else []
 
 
 def _log2(n: int) -> int:
@@ -96,28 +107,51 @@ class CostModel:
             return 0.0
         return self.overhead + 2 * steps * link.message(nbytes) + steps * nbytes * link.reduce
 
-    def gossip(self, nbytes: float, degree: int) -> float:
-        """Static-graph gossip where every rank sends and receives ``degree`` messages."""
-        if degree < 0:
-            raise ValueError(f"degree must be >= 0, got {degree}")
-        link = self._flat_link
-        return self.overhead + degree * (link.message(nbytes) + nbytes * link.reduce) if degree else 0.0
+    def _crossing(self, offset: int) -> tuple[int, list[bool]]:
+        """(messages leaving machine 0, which of its ranks' messages stay inside) for one offset."""
+        n, k = self.size, self.ranks_per_machine
+        stays = [(r + offset) % n // k == 0 for r in range(min(k, n))]
+        return stays.count(False), stays
+
+    def gossip(self, nbytes: float, offsets: Sequence[int]) -> float:
+        """Circulant gossip: every rank sends ``nbytes`` to rank + o (mod n) for each o in ``offsets`` at once."""
+        offsets = [o % self.size for o in offsets]
+        if any(o == 0 for o in offsets):
+            raise ValueError(f"offsets must not be multiples of the job size {self.size} (a rank sending to itself)")
+        if not offsets:
+            return 0.0
+        latency, leaving, inside = 0.0, 0, [0] * min(self.ranks_per_machine, self.size)
+        for offset in offsets:
+            crossing, stays = self._crossing(offset)
+            leaving += crossing
+            inside = [count + stay for count, stay in zip(inside, stays, strict=True)]
+            latency += (self.inter if crossing else self.intra).latency
+        bandwidth = max(leaving * self.inter.inverse_bandwidth, max(inside) * self.intra.inverse_bandwidth)
+        reduce = self.inter.reduce if leaving else self.intra.reduce
+        return self.overhead + latency + nbytes * (bandwidth + len(offsets) * reduce)
+
+    def exponential(self, nbytes: float) -> float:
+        """Static exponential-2 gossip: offsets 1, 2, 4, … < n, all at once."""
+        return self.gossip(nbytes, _powers_of_two(self.size))
 
     def one_peer(self, nbytes: float) -> float:
-        return self.gossip(nbytes, 1) if self.size > 1 else 0.0
+        """One-peer exponential-2: the mean step over its period (offset 2^i at step i)."""
+        offsets = _powers_of_two(self.size)
+        return sum(self.gossip(nbytes, [o]) for o in offsets) / len(offsets) if offsets else 0.0
 
     def hierarchical(self, nbytes: float, machine_degree: int = 1) -> float:
         """Machine allreduce (ring, intra), leaders' gossip of ``machine_degree`` (inter), machine broadcast."""
+        if machine_degree < 0:
+            raise ValueError(f"machine_degree must be >= 0, got {machine_degree}")
         k = self.ranks_per_machine
         ring = 0.0 if k <= 1 else self.ring_allreduce(nbytes, ranks=k, link=self.intra) - self.overhead
         inside = ring + _log2(k) * self.intra.message(nbytes)
         between = machine_degree * (self.inter.message(nbytes) + nbytes * self.inter.reduce) if self.machines > 1 else 0
         return self.overhead + inside + between
 
-    def predict(self, nbytes: float, degree: int = 1, machine_degree: int = 1) -> dict[str, float]:
+    def predict(self, nbytes: float, machine_degree: int = 1) -> dict[str, float]:
         """Seconds per step of every plan for a message of ``nbytes``."""
         return {"ring allreduce": self.ring_allreduce(nbytes), "tree allreduce": self.tree_allreduce(nbytes),
-                f"static gossip (degree {degree})": self.gossip(nbytes, degree),
-                "one-peer gossip": self.one_peer(nbytes),
+                "static exponential-2": self.exponential(nbytes), "one-peer exponential-2": self.one_peer(nbytes),
                 f"hierarchical (machine degree {machine_degree})": self.hierarchical(nbytes, machine_degree),
                 "no communication": 0.0}

@@ -5,7 +5,8 @@ machine (local ranks 2j and 2j+1) ping-pongs with it at the same time, which giv
 intra-machine link; then every rank ping-pongs with the same local rank on the paired machine
 (machines 2m and 2m+1), which gives the inter-machine link. α is the one-way time of a small
 message, β the slope between the small and the large one; each is the slowest pair's (the pace of
-a collective). γ is the time per byte of a weighted sum (``y += w·x``) of the large size, while
+a collective). The inter-machine β is per machine: the k pairs shared the machine's interface, so
+the measured slope is divided by k. γ is the time per byte of a weighted sum (``y += w·x``) of the large size, while
 every rank computes one. The per-op ``overhead`` is the median time of a real one-element
 ``gossip.allreduce`` (input check and Python included) less what the links predict for it. A link
 class the job does not have (one machine, or one rank per machine) takes the other class's
@@ -54,9 +55,10 @@ def _pair_times(comm: MPI.Comm, peer: int | None, first: bool, small: int, large
     return float(slowest[0]), float(slowest[1])
 
 
-def _link_cost(times: tuple[float, float], small: int, large: int, reduce: float) -> LinkCost:
+def _link_cost(times: tuple[float, float], small: int, large: int, reduce: float, sharing: int = 1) -> LinkCost:
+    """α and β from the slowest pair's times; ``sharing`` pairs crossed one machine's interface at once."""
     t_small, t_large = times
-    beta = max(0.0, (t_large - t_small) / (large - small))
+    beta = max(0.0, (t_large - t_small) / (large - small)) / sharing
     return LinkCost(latency=max(0.0, t_small - beta * small), inverse_bandwidth=beta, reduce=reduce)
 
 
@@ -105,7 +107,8 @@ def probe(small: int = 8, large: int = 4 << 20, repeats: int = 20) -> CostModel:
     if not links:  # a single rank: nothing to measure
         return CostModel(LinkCost(0.0, 0.0, reduce), LinkCost(0.0, 0.0, reduce), size, 1)
     intra = _link_cost(links.get("intra", links.get("inter")), small, large, reduce)
-    inter = _link_cost(links.get("inter", links.get("intra")), small, large, reduce)
+    inter = (_link_cost(links["inter"], small, large, reduce, sharing=min(local_sizes)) if "inter" in links
+             else intra)
     bare = CostModel(intra, inter, size, max(local_sizes))
     op = np.array([_op_time(repeats)])
     comm.Allreduce(MPI.IN_PLACE, op, op=MPI.MAX)

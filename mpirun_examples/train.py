@@ -33,6 +33,7 @@ from train_support import (
     SERVER_ALGORITHMS,
     Log,
     Progress,
+    auto_schedule,
     check_settings,
     epoch_steps,
     evaluate,
@@ -73,6 +74,9 @@ def main() -> int:
     torch.manual_seed(args.seed)
     model = make_model(args, data).to(device)
     hyper = optimizer_settings(args, n, steps_per_epoch * args.batch_size)
+    if hyper.get("topology") == "auto":  # the scheduler's pick; its describe() is printed below
+        hyper.pop("global_avg_every", None)  # the scheduler applies --global-avg-every itself
+        hyper["topology"] = auto_schedule(args, model, data, device)
     try:
         optimizer = algorithms.create(args.algorithm, model.parameters(), **hyper)  # broadcasts rank 0's model
     except ValueError as error:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +33,7 @@ DEFAULTS = {
 SERVER_ALGORITHMS = ("asgd", "asgdm", "ormo", "ormo-da")  # rank 0 serves, the others work
 GOSSIP_FREE = ("pmsgd", "local-sgd", "mavg", "cr-psgd", "cr-psgd-catalyst", *SERVER_ALGORITHMS)  # no --topology
 WITHOUT_MOMENTUM = ("dsgd", "dsgd-awc", "gradient-tracking", "mavg", "cr-psgd-catalyst", "asgd")  # nor --momentum
+FIXED_TOPOLOGY = {"d2": "a static symmetric W", "sgp": "push-sum over a graph", "adpsgd": "windows on a graph"}
 OUTER = ("slowmo", "bmuf")  # these run --base between their averages
 PERIODIC = ("local-sgd", "mavg", *OUTER)  # these take --period
 
@@ -42,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="TOML or YAML file whose keys are the long options below (dashes or _)")
     parser.add_argument("--algorithm", help=f"one of {', '.join(algorithms.available())}")
     parser.add_argument("--topology", help="a name from topologies.topology_names(), e.g. ring, exp2, one-peer-exp2; "
-                        "or hierarchical (average within each machine, one-peer exp-2 between machines)")
+                        "hierarchical (average within each machine, one-peer exp-2 between machines); or auto "
+                        "(gossip.Scheduler picks from the probed links, the model size and its compute time)")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--momentum", type=float)
     parser.add_argument("--weight-decay", type=float)
@@ -122,6 +125,9 @@ def check_settings(args: argparse.Namespace, n: int) -> None:
                                     or args.base not in algorithms.available()):
         problems.append(f"--base must be a single-level algorithm (local-sgd, dsgd, dmsgd, sgp, pmsgd, ...), "
                         f"got {args.base!r}")
+    if args.topology == "auto" and _base(args) in FIXED_TOPOLOGY:
+        problems.append(f"--topology auto chooses among allreduce, exponential-2, one-peer and hierarchical gossip; "
+                        f"{_base(args)} needs {FIXED_TOPOLOGY[_base(args)]}: name its topology")
     if args.global_avg_every is not None and _base(args) in GOSSIP_FREE:
         problems.append(f"--global-avg-every is for gossip algorithms; {_base(args)} does not gossip "
                         "(local-sgd and mavg average every --period steps)")
@@ -200,12 +206,29 @@ def epoch_steps(batch_sizes: list[int], samples_per_epoch: int, epochs: int) -> 
 
 
 def make_topology(args: argparse.Namespace, n: int):
-    if args.topology == "hierarchical":  # machine average + one-peer exponential-2 between machines
-        return "hierarchical"
+    if args.topology in ("hierarchical", "auto"):  # hierarchical: machine average + one-peer exp-2 between machines
+        return args.topology  # auto: chosen by auto_schedule once the model exists
     try:
         return topologies.by_name(args.topology, n, seed=args.seed, local_size=gossip.local_size())
     except ValueError as error:
         raise SystemExit(f"train.py: --topology {args.topology!r} on {n} ranks: {error}") from error
+
+
+def auto_schedule(args: argparse.Namespace, model: torch.nn.Module, data: Split,
+                  device: torch.device) -> gossip.Scheduler:
+    """``--topology auto`` (collective): time this model's forward and backward on one batch (the
+    ranks' mean), probe the links, and let :class:`gossip.Scheduler` choose for the model's bytes."""
+    x, y = data.x_train[:args.batch_size].to(device), data.y_train[:args.batch_size].to(device)
+    rng, times = torch.get_rng_state(), []
+    for _ in range(5):
+        began = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        times.append(time.perf_counter() - began)
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    compute = gossip.allreduce(torch.tensor([float(np.median(times[1:]))], dtype=torch.float64), "mean").item()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return gossip.Scheduler.auto(nbytes, compute_seconds=compute, global_avg_every=args.global_avg_every)
 
 
 def load_dataset(args: argparse.Namespace) -> Split:

@@ -38,7 +38,7 @@ CASES = [
     ("runtime_services.py", 1, None), ("runtime_services.py", 4, None), ("runtime_services.py", 3, MPI_MESSAGES),
     ("windows.py", 1, None), ("windows.py", 4, None), ("windows.py", 5, None),
     ("algorithms_async_gossip.py", 4, None), ("algorithms_async_gossip.py", 5, None),
-    ("hierarchical.py", 4, machines_of(2)), ("hierarchical.py", 6, machines_of(4)), ("probe.py", 4, machines_of(2)),
+    ("hierarchical.py", 4, machines_of(2)), ("hierarchical.py", 6, machines_of(4)), ("scheduler.py", 4, machines_of(2)),
     ("parameter_server.py", 1, None), ("parameter_server.py", 2, None), ("parameter_server.py", 4, None),
     ("bad_input.py", 2, None), ("bad_input.py", 4, None), ("bad_input.py", 5, None), ("bad_input.py", 4, MPI_MESSAGES),
 ]

@@ -68,11 +68,12 @@ def test_killed_run_resumes_bitwise_identically(tmp_path):
 
 def test_config_file_and_logs(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('algorithm = "decentlam"\ntopology = "exp2"\nepochs = 2\nbatch-size = 32\nlr = 0.1\n')
+    config.write_text('algorithm = "decentlam"\ntopology = "auto"\nepochs = 2\nbatch-size = 32\nlr = 0.1\n')
     done = _run(["--config", str(config), "--no-progress", "--log-dir", str(tmp_path), "--epochs", "3",
                  "--timeline", str(tmp_path / "trace.json")])
     assert done.returncode == 0, done.stdout[-4000:]
-    assert "decentlam on exp2, 4 ranks" in done.stdout and "communication: static graph" in done.stdout
+    assert "decentlam on auto, 4 ranks" in done.stdout and "communication: auto: " in done.stdout
+    assert "<- chosen" in done.stdout and "chosen: " in done.stdout  # the scheduler's candidates and reason
     lines = (tmp_path / "log.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,train_loss,test_accuracy_averaged") and len(lines) == 4  # --epochs 3 wins
     assert (tmp_path / "curves.png").stat().st_size > 0
@@ -89,6 +90,7 @@ def test_config_file_and_logs(tmp_path):
     (["--algorithm", "cr-psgd", "--batch-growth", "1"], "--batch-growth must be > 1"),
     (["--algorithm", "ormo", "--checkpoint-dir", "x"], "checkpoints are not supported for parameter-server"),
     (["--slow-ranks", "0,a"], "--slow-ranks is a comma-separated list of ranks"),
+    (["--algorithm", "d2", "--topology", "auto"], "--topology auto chooses among"),
 ])
 def test_settings_checked_before_training(args, message):
     """train.py's checks of its settings, for 3 ranks (a pure function: run in this process; the
