@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
 from gossip.cost_model import CostModel, LinkCost
+from gossip.profiles import cluster_profile
 from gossip.scheduler import describe_candidates, rank_candidates
 
 NVLINK = LinkCost(latency=10e-6, inverse_bandwidth=1 / 130e9)
@@ -69,3 +72,23 @@ def test_one_rank_and_bad_arguments():
             rank_candidates(flat, 1e6, **bad)
     with pytest.raises(ValueError, match="model_bytes"):
         rank_candidates(flat, math.nan)
+
+
+def test_cluster_profiles_and_the_scale_simulation():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import simulate_scale
+    finally:
+        sys.path.pop(0)
+    ethernet = cluster_profile("ethernet-25g", 256)
+    assert (ethernet.machines, ethernet.ranks_per_machine) == (32, 8)
+    assert ethernet.inter.bandwidth == pytest.approx(3.125e9)
+    row = simulate_scale.predict("ethernet-25g", simulate_scale.MODELS["ResNet-50"], 256)
+    assert row["hierarchical"] < row["ring allreduce"] < row["one-peer exponential-2"] < row["static exponential-2"]
+    assert row["scheduler"] == "hierarchical"
+    table = {"ethernet-25g": {m: {"256": simulate_scale.predict("ethernet-25g", b, 256)}
+                              for m, b in simulate_scale.MODELS.items()}}
+    lines = simulate_scale.compare_with_seed(table)
+    assert any("ResNet-50" in line and "/ 278 =" in line and "/ 150 =" in line for line in lines)
+    with pytest.raises(ValueError, match="unknown cluster profile 'token-ring'"):
+        cluster_profile("token-ring", 8)

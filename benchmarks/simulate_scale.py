@@ -1,0 +1,110 @@
+"""Communication time per iteration at cluster scale, from the cost model and a cluster profile.
+
+``python benchmarks/simulate_scale.py`` (no MPI needed)
+
+For ResNet-50 (25.5 M parameters) and BERT-large (300 M, the seed's figure), float32 (4 bytes a
+parameter), on 8 to 1024 GPUs (8 per machine, NVLink inside), predicts one iteration's
+communication with :mod:`gossip.cost_model` for ring allreduce and three partial-averaging plans:
+static exponential-2, one-peer exponential-2 and hierarchical (machine average, one-peer
+exponential-2 between machines), and what :class:`gossip.Scheduler` would pick (no compute
+time). The cluster profiles (``gossip.profiles``) document their values and sources.
+
+Then compares with seed 002's measurement on 256 GPUs (Chen, Yuan et al., ICML 2021, the
+Gossip-PGA paper: ResNet-50 278 ms ring allreduce vs 150 ms partial average; BERT 1469 vs 567 ms)
+and prints predicted/measured for each profile. Writes ``results/simulate-scale.json`` and a plot of
+time per iteration against GPU count (``results/simulate-scale.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gossip.profiles import cluster_profile, profile_names
+from gossip.scheduler import rank_candidates
+
+MODELS = {"ResNet-50": 25.5e6 * 4, "BERT-large": 300e6 * 4}
+SEED_256 = {"ResNet-50": {"ring allreduce": 0.278, "partial average": 0.150},
+            "BERT-large": {"ring allreduce": 1.469, "partial average": 0.567}}
+PLANS = ("ring allreduce", "static exponential-2", "one-peer exponential-2", "hierarchical")
+GPU_COUNTS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def predict(profile: str, model_bytes: float, gpus: int) -> dict:
+    cost = cluster_profile(profile, gpus)
+    row = {"ring allreduce": cost.ring_allreduce(model_bytes), "static exponential-2": cost.exponential(model_bytes),
+           "one-peer exponential-2": cost.one_peer(model_bytes), "hierarchical": cost.hierarchical(model_bytes)}
+    chosen = next(c for c in rank_candidates(cost, model_bytes) if c.chosen)
+    row["scheduler"] = f"{chosen.name}" + (f", H={chosen.global_avg_every}" if chosen.global_avg_every else "")
+    return row
+
+
+def compare_with_seed(table: dict) -> list[str]:
+    lines = ["", "256 GPUs against seed 002's measurement (predicted / measured):"]
+    for profile, models in table.items():
+        for model, rows in models.items():
+            row, seed = rows["256"], SEED_256[model]
+            partial = min(row[p] for p in PLANS[1:])
+            best = min(PLANS[1:], key=lambda p: row[p])
+            lines.append(f"  {profile:<26} {model:<10} ring {row['ring allreduce'] * 1e3:7.1f} ms / "
+                         f"{seed['ring allreduce'] * 1e3:.0f} = {row['ring allreduce'] / seed['ring allreduce']:.2f}; "
+                         f"best partial ({best}) {partial * 1e3:7.1f} ms / {seed['partial average'] * 1e3:.0f} = "
+                         f"{partial / seed['partial average']:.2f}; ring/partial {row['ring allreduce'] / partial:.2f}"
+                         f" (seed {seed['ring allreduce'] / seed['partial average']:.2f})")
+    return lines
+
+
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(6 * len(MODELS), 4.5))
+    styles = {"ethernet-25g": "-", "ethernet-25g-per-flow-10g": ":", "infiniband-100g": "--"}
+    colours = dict(zip(PLANS, ("black", "tab:orange", "tab:blue", "tab:green"), strict=True))
+    for ax, model in zip(axes, MODELS, strict=True):
+        for profile, models in table.items():
+            for plan in PLANS:
+                ax.plot(GPU_COUNTS, [models[model][str(g)][plan] * 1e3 for g in GPU_COUNTS], styles.get(profile, "-"),
+                        color=colours[plan], marker="o", markersize=3, label=f"{plan} ({profile})")
+        for plan, seconds in SEED_256[model].items():
+            ax.plot([256], [seconds * 1e3], "*", markersize=12, color="red" if plan == "ring allreduce" else "purple",
+                    label=f"seed 002, 256 GPUs: {plan}")
+        ax.set(xscale="log", yscale="log", xlabel="GPUs (8 per machine)", ylabel="communication per iteration (ms)",
+               title=f"{model} ({MODELS[model] / 4e6:.1f} M parameters, float32)")
+        ax.set_xticks(GPU_COUNTS, [str(g) for g in GPU_COUNTS])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profiles", default=",".join(profile_names()), help="comma-separated profile names")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    profiles = [p for p in args.profiles.split(",") if p]
+    table = {p: {m: {str(g): predict(p, nbytes, g) for g in GPU_COUNTS} for m, nbytes in MODELS.items()}
+             for p in profiles}
+    for profile, models in table.items():
+        for model, rows in models.items():
+            print(f"\n{profile}, {model} ({MODELS[model] / 1e6:.0f} MB): ms per iteration")
+            print(f"{'GPUs':>6}" + "".join(f"{p:>24}" for p in PLANS) + "   scheduler picks")
+            for gpus, row in rows.items():
+                print(f"{gpus:>6}" + "".join(f"{row[p] * 1e3:>24.1f}" for p in PLANS) + f"   {row['scheduler']}")
+    print("\n".join(compare_with_seed(table)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "simulate-scale.json").write_text(json.dumps({"models_bytes": MODELS, "seed_256": SEED_256,
+                                                              "predicted_seconds": table}, indent=1))
+    if not args.no_plot:
+        plot(table, args.out / "simulate-scale.png")
+    print(f"wrote {args.out / 'simulate-scale.json'}" + ("" if args.no_plot else " and simulate-scale.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
