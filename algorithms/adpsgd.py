@@ -35,7 +35,7 @@ import torch
 from algorithms.base import DecentralizedOptimizer, check_rates
 from algorithms.pmsgd import pmsgd_update
 from gossip import collectives, context
-from gossip.schedule import NoCommunication
+from gossip.schedule import NoCommunication, WindowPushSchedule
 from gossip.window import Window
 from topologies import DynamicTopology, OnePeerExponentialTwo
 
@@ -78,14 +78,10 @@ class AsynchronousGossipSGD(DecentralizedOptimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": False},
                          schedule=NoCommunication())
         self.window = Window(self.x, f"adpsgd-{next(_windows)}", graph=graph, mutex=mutex)
+        self.schedule = WindowPushSchedule(self.window, self.family)  # this step's pushes, as plans
         self._push = None  # this rank's push in flight (completes while the next step computes)
         self.arrivals = 0  # how many neighbour models this rank has folded in, in all
         self.last_arrived: list[int] = []  # whose models the last step folded in
-
-    def _destinations(self) -> dict[int, float] | None:
-        if self.family is None:
-            return None  # every out-neighbour of the static graph
-        return self.family.peers(self.step_count, context.rank()).dst_weights
 
     def _step(self) -> None:
         if self.window is None:
@@ -97,9 +93,9 @@ class AsynchronousGossipSGD(DecentralizedOptimizer):
         m = self.buffers["momentum_buffer"]
         for group, s in self.groups():
             pmsgd_update(self.x[s], m[s], g[s], group["lr"], group["momentum"], False)
-        destinations = self._destinations()
-        if destinations != {}:
-            self._push = self.window.put_async(self.x, destinations)
+        plan = self.schedule.plan(self.step_count)
+        if plan.communicates:
+            self._push = plan.start(self.x, self.x)  # a one-sided push: nothing is received
 
     def synchronize(self) -> None:
         """Complete this rank's push in flight (its data has reached the peer's window)."""

@@ -14,6 +14,8 @@ Gropp, "Optimization of Collective Communication Operations in MPICH", IJHPCA 20
   exponential-2: o = 1, 2, 4, …): Σ_o α_o + max(F·N·β_inter, D·N·β_intra) + |O|·N·γ, where F is
   the number of messages leaving one machine (they share its interface), D the most messages one
   rank sends inside its machine, and α_o the inter latency if offset o leaves some machine;
+* gossip on any static graph: the same count over its edges (the busiest machine, the busiest
+  rank; a rank's α per message, its in-degree's reductions);
 * one-peer exponential-2: the mean over its period of circulant gossip with one offset 2^i; a
   small offset leaves the machine for only o of its k ranks, a large one for all k;
 * hierarchical gossip: a ring allreduce among the k ranks of a machine on the intra link, one
@@ -33,6 +35,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+from topologies.validation import as_matrix
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,27 @@ class CostModel:
         bandwidth = max(leaving * self.inter.inverse_bandwidth, max(inside) * self.intra.inverse_bandwidth)
         reduce = self.inter.reduce if leaving else self.intra.reduce
         return self.overhead + latency + nbytes * (bandwidth + len(offsets) * reduce)
+
+    def graph(self, nbytes: float, topology) -> float:
+        """Gossip on any static graph (a ``networkx`` graph or a mixing matrix W on the ``size``
+        ranks): every rank sends ``nbytes`` to each out-neighbour at once. As :meth:`gossip`: the
+        messages leaving the busiest machine share its interface, the busiest rank's messages inside
+        its machine share its link, and a rank pays α per message (the inter α if it leaves)."""
+        w = as_matrix(topology)
+        if w.shape != (self.size, self.size):
+            raise ValueError(f"the graph has {w.shape[0]} nodes, the model {self.size} ranks")
+        sends = (w != 0).T  # sends[j, i]: j's message goes to i
+        np.fill_diagonal(sends, False)
+        if not sends.any():
+            return 0.0
+        machine = np.arange(self.size) // self.ranks_per_machine
+        leaves = sends & (machine[:, None] != machine[None, :])
+        leaving = np.bincount(machine, weights=leaves.sum(axis=1), minlength=self.machines).max()
+        inside = (sends & ~leaves).sum(axis=1).max()
+        latency = (leaves.sum(axis=1) * self.inter.latency + (sends & ~leaves).sum(axis=1) * self.intra.latency).max()
+        bandwidth = max(leaving * self.inter.inverse_bandwidth, inside * self.intra.inverse_bandwidth)
+        reduce = (self.inter if leaves.any() else self.intra).reduce * sends.sum(axis=0).max()
+        return self.overhead + float(latency) + nbytes * (bandwidth + reduce)
 
     def exponential(self, nbytes: float) -> float:
         """Static exponential-2 gossip: offsets 1, 2, 4, … < n, all at once."""

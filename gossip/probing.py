@@ -4,13 +4,14 @@ Links are measured as the job will use them, all at once: every rank that has a 
 machine (local ranks 2j and 2j+1) ping-pongs with it at the same time, which gives the
 intra-machine link; then every rank ping-pongs with the same local rank on the paired machine
 (machines 2m and 2m+1), which gives the inter-machine link. α is the one-way time of a small
-message, β the slope between the small and the large one; each is the slowest pair's (the pace of
-a collective). The inter-machine β is per machine: the k pairs shared the machine's interface, so
-the measured slope is divided by k. γ is the time per byte of a weighted sum (``y += w·x``) of the large size, while
-every rank computes one. The per-op ``overhead`` is the median time of a real one-element
+message, β the slope between the small and the large one (each the median of its repeats, then
+the slowest pair's: the pace of a collective). The inter-machine β is per machine: the k pairs
+shared the machine's interface, so the measured slope is divided by k. γ is the time per byte of
+a weighted sum (``y += w·x``) of the large size, while every rank computes one. The per-op
+``overhead`` is the median time of a real one-element
 ``gossip.allreduce`` (input check and Python included) less what the links predict for it. A link
 class the job does not have (one machine, or one rank per machine) takes the other class's
-values. Every rank returns the same :class:`gossip.cost_model.CostModel`; it takes about a second.
+values. Every rank returns the same :class:`gossip.cost_model.CostModel`; it takes one to two seconds.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def _pair_times(comm: MPI.Comm, peer: int | None, first: bool, small: int, large
 def _link_cost(times: tuple[float, float], small: int, large: int, reduce: float, sharing: int = 1) -> LinkCost:
     """α and β from the slowest pair's times; ``sharing`` pairs crossed one machine's interface at once."""
     t_small, t_large = times
-    beta = max(0.0, (t_large - t_small) / (large - small)) / sharing
+    slope = (t_large - t_small) / (large - small)
+    if slope <= 0:  # the small message was slower than the large one: noise; bound β by the large alone
+        slope, t_small = t_large / large, 0.0
+    beta = slope / sharing
     return LinkCost(latency=max(0.0, t_small - beta * small), inverse_bandwidth=beta, reduce=reduce)
 
 
@@ -83,7 +87,7 @@ def _op_time(repeats: int) -> float:
     return float(np.median(times[2:]))
 
 
-def probe(small: int = 8, large: int = 4 << 20, repeats: int = 20) -> CostModel:
+def probe(small: int = 8, large: int = 32 << 20, repeats: int = 20) -> CostModel:
     """Collective: measure α, β per link class, γ and the per-op overhead on this job; returns the
     same model on every rank."""
     if not 0 < small < large:

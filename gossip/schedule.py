@@ -22,6 +22,7 @@ from topologies import DynamicTopology, OnePeerExponentialTwo, mixing_matrix
 NEIGHBOR = "neighbor_allreduce"
 ALLREDUCE = "allreduce"
 HIERARCHICAL = "hierarchical"
+WINDOW_PUT = "window_put"
 NOTHING = "none"
 
 
@@ -32,8 +33,10 @@ class Plan:
     ``op`` is ``"neighbor_allreduce"`` (with ``self_weight``/``src_weights``/``dst_weights``:
     a time-varying step; without them: the runtime's static topology), ``"allreduce"`` (exact
     mean over all ranks), ``"hierarchical"`` (machine average, then ``machine_topology`` between
-    machines at ``machine_step``: :func:`gossip.hierarchical_neighbor_allreduce`) or ``"none"``
-    (the tensor is its own result).
+    machines at ``machine_step``: :func:`gossip.hierarchical_neighbor_allreduce`), ``"window_put"``
+    (one-sided: write the tensor into ``window``'s buffers at the ``dst_weights`` ranks, scaled by
+    their weights, or at every out-neighbour of the window's graph; nothing is received, ``out`` is
+    not used) or ``"none"`` (the tensor is its own result).
     """
 
     op: str
@@ -42,6 +45,7 @@ class Plan:
     dst_weights: dict[int, float] | None = field(default=None)
     machine_topology: object = None
     machine_step: int = 0
+    window: object = None
 
     def start(self, tensor: torch.Tensor, out: torch.Tensor) -> Handle:
         """Start the plan on ``tensor`` writing ``out`` (which must not overlap it); ``wait()`` returns ``out``.
@@ -55,6 +59,8 @@ class Plan:
             return neighbor.neighbor_allreduce_async(tensor, self_weight=self.self_weight,
                                                      src_weights=self.src_weights, dst_weights=self.dst_weights,
                                                      out=out)
+        if self.op == WINDOW_PUT:
+            return self.window.put_async(tensor, self.dst_weights)
         if self.op == ALLREDUCE:
             collectives.allreduce(tensor, "mean", out=out)
         elif self.op == HIERARCHICAL:
@@ -149,6 +155,31 @@ class HierarchicalSchedule(Schedule):
                    else "a static graph")
         return (f"hierarchical: average within each of {context.machine_size()} machines "
                 f"({context.local_size()} ranks here), {between} between machines")
+
+
+class WindowPushSchedule(Schedule):
+    """Asynchronous gossip through a one-sided :class:`gossip.Window`: at step k the tensor is pushed
+    into the window buffers of this step's peers (``topology.peers(k, rank)``'s destinations and
+    weights, for a time-varying family; with None, every out-neighbour of the window's graph).
+    The receivers fold what has arrived whenever they choose (``Window.update_arrived``)."""
+
+    def __init__(self, window, topology: DynamicTopology | None = None) -> None:
+        if topology is not None:
+            _check_fits(topology)
+        self.window = window
+        self.topology = topology
+        self._rank = context.rank()
+        self._static = Plan(WINDOW_PUT, window=window)
+
+    def plan(self, step: int) -> Plan:
+        if self.topology is None:
+            return self._static
+        destinations = self.topology.peers(step, self._rank).dst_weights
+        return Plan(WINDOW_PUT, dst_weights=destinations, window=self.window) if destinations else NoCommunication._plan
+
+    def describe(self) -> str:
+        peers = f"{type(self.topology).__name__} peers" if self.topology is not None else "every out-neighbour"
+        return f"one-sided window pushes to {peers}, never waiting (asynchronous)"
 
 
 class AllreduceSchedule(Schedule):

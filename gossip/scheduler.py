@@ -158,13 +158,16 @@ class Scheduler(Schedule):
 
     @classmethod
     def auto(cls, model_bytes: float, cost: CostModel | None = None, *, compute_seconds: float = 0.0,
-             min_saving: float = 0.2, mixing_steps: int | None = None,
-             global_avg_every: int | None = None) -> Scheduler:
+             min_saving: float = 0.2, mixing_steps: int | None = None, global_avg_every: int | None = None,
+             warmup_steps: int = 0) -> Scheduler:
         """Collective: choose and build the schedule for a model of ``model_bytes`` (module docstring).
 
-        ``cost`` defaults to :func:`gossip.probe` on this job (about a second). Every rank must pass
-        the same arguments; a choice that differs between ranks raises on every rank.
+        ``cost`` defaults to :func:`gossip.probe` on this job (about a second). ``warmup_steps``:
+        a gossip choice averages exactly (allreduce) for that many first steps. Every rank must
+        pass the same arguments; a choice that differs between ranks raises on every rank.
         """
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if cost is None:
             from gossip.probing import probe
 
@@ -190,8 +193,8 @@ class Scheduler(Schedule):
             schedule = DynamicSchedule(OnePeerExponentialTwo(n))
         else:
             schedule = HierarchicalSchedule(OnePeerExponentialTwo(layout.machines))
-        if chosen.global_avg_every is not None:
-            schedule = PeriodicGlobalAverage(schedule, chosen.global_avg_every)
+        if chosen.name != ALLREDUCE and (chosen.global_avg_every is not None or warmup_steps):
+            schedule = PeriodicGlobalAverage(schedule, chosen.global_avg_every, warmup_steps)
         return cls(schedule, candidates, cost, model_bytes, compute_seconds, min_saving)
 
     def plan(self, step: int) -> Plan:

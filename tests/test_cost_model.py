@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
+import topologies
 from gossip.cost_model import CostModel, LinkCost
 
 INTRA = LinkCost(latency=1e-6, inverse_bandwidth=1e-10, reduce=1e-11)
@@ -37,6 +39,19 @@ def test_gossip_counts_the_messages_that_share_a_machines_interface():
     assert table["no communication"] == 0 and table["static exponential-2"] == model.exponential(N)
     one_machine = CostModel(INTRA, INTER, size=4, ranks_per_machine=4)
     assert one_machine.gossip(N, [1, 2]) == pytest.approx(2 * 1e-6 + 2 * N * 1e-10 + 2 * N * 1e-11)  # no inter link
+
+
+def test_any_static_graph_by_its_edges():
+    model = CostModel(INTRA, INTER, size=8, ranks_per_machine=4)
+    N = 1e6
+    for n, k in ((8, 4), (12, 4), (16, 8), (8, 1)):
+        other = CostModel(INTRA, INTER, size=n, ranks_per_machine=k)
+        assert other.graph(N, topologies.exponential_two(n)) == pytest.approx(other.exponential(N)), (n, k)
+    # ring both ways on machines {0..3}, {4..7}: 3 -> 4 and 0 -> 7 leave machine 0; rank 0 sends 1 inside, 1 out
+    assert model.graph(N, topologies.ring(8)) == pytest.approx(1e-6 + 1e-5 + N * (2 * 1e-9 + 2 * 1e-11))
+    assert model.graph(N, np.eye(8)) == 0.0
+    with pytest.raises(ValueError, match="the graph has 4 nodes, the model 8 ranks"):
+        model.graph(N, topologies.ring(4))
 
 
 def test_limits_and_orderings():

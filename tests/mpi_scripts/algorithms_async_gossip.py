@@ -40,6 +40,9 @@ def scripted(topology, hyper, steps=6, seed=0):
     for t in range(steps):
         opt.zero_grad()
         loss_of(model, t).backward()  # at this rank's model: only its own step changes it
+        plan = opt.schedule.plan(t)  # this step's push, a plan like every other communication
+        assert plan.op == "window_put" and sorted(plan.dst_weights or destinations(family, t, R)) == \
+            destinations(family, t, R), (t, plan)
         order = rng.permutation(N)
         for turn in order:
             if turn == R:

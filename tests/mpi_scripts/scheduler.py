@@ -87,6 +87,10 @@ def test_auto_builds_and_runs_the_plan_it_chose():
     chosen = Scheduler.auto(1e3, CostModel(LATENCY, LATENCY, N, 1), mixing_steps=1, global_avg_every=3)
     assert chosen.choice.name == "one-peer exponential-2" and isinstance(chosen.schedule, PeriodicGlobalAverage)
     _dsgd_follows(chosen, lambda step: average if (step + 1) % 3 == 0 else one_peer.mixing_matrix(step))
+    # a warm-up of exact averages before the gossip
+    chosen = Scheduler.auto(1e8, CostModel(SLOW, SLOW, N, 1), warmup_steps=2)
+    _dsgd_follows(chosen, lambda step: average if step < 2 else one_peer.mixing_matrix(step))
+    expect_error(lambda: Scheduler.auto(1e8, CostModel(SLOW, SLOW, N, 1), warmup_steps=-1), "warmup_steps")
 
 
 def test_auto_probes_by_default_and_refuses_inconsistent_input():
