@@ -167,7 +167,7 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
         machine_size=machine_size,
         topology=topology,
         check=_env_flag(_ENV_CHECK, True) if check is None else bool(check),
-        transport=Transport(detect_cuda_aware(), pool),
+        transport=Transport(comm.allreduce(detect_cuda_aware(), op=MPI.LAND), pool),  # the same on every rank
         node_memory=NodeMemory(comm, enabled=_env_flag(_ENV_SHARED_MEMORY, True)),
         layout=_discover_layout(comm, local, machine_size),
         pool=pool,

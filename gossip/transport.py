@@ -8,6 +8,7 @@ pinned host buffers taken from a pool and reused across calls. CPU tensors are n
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
 
 import torch
@@ -17,18 +18,32 @@ from gossip.tensors import BufferPool
 _ENV_CUDA_AWARE = "GOSSIP_CUDA_AWARE"
 
 
+def _loaded_mpi_libraries() -> list[str]:
+    """Paths of the MPI libraries mapped into this process (mpi4py loads libmpi privately, so its
+    symbols are not reachable through the global namespace)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libmpi" in line}
+    except OSError:  # not Linux: the dynamic loader's search instead
+        found = ctypes.util.find_library("mpi")
+        return [found] if found else []
+    return sorted(p for p in paths if p.startswith("/") and os.path.basename(p).startswith("libmpi"))
+
+
 def _query_library_cuda_support() -> bool:
-    """Ask the loaded MPI library whether it handles CUDA device pointers."""
-    handle = ctypes.CDLL(None)
-    query = getattr(handle, "MPIX_Query_cuda_support", None)  # Open MPI
-    if query is not None:
-        query.restype = ctypes.c_int
-        return bool(query())
-    gpu_query = getattr(handle, "MPIX_GPU_query_support", None)  # MPICH: (MPIX_GPU_SUPPORT_CUDA=0, int*)
-    if gpu_query is not None:
-        supported = ctypes.c_int(0)
-        if gpu_query(0, ctypes.byref(supported)) == 0:
-            return bool(supported.value)
+    """Ask the loaded MPI library whether it handles CUDA device pointers: Open MPI's
+    ``MPIX_Query_cuda_support()``, MPICH's ``MPIX_GPU_query_support(MPIX_GPU_SUPPORT_CUDA, &flag)``."""
+    for path in _loaded_mpi_libraries():
+        handle = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+        query = getattr(handle, "MPIX_Query_cuda_support", None)  # Open MPI
+        if query is not None:
+            query.restype = ctypes.c_int
+            return bool(query())
+        gpu_query = getattr(handle, "MPIX_GPU_query_support", None)  # MPICH: MPIX_GPU_SUPPORT_CUDA = 0
+        if gpu_query is not None:
+            supported = ctypes.c_int(0)
+            if gpu_query(0, ctypes.byref(supported)) == 0:
+                return bool(supported.value)
     return False
 
 
