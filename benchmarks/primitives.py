@@ -9,6 +9,10 @@ message size (float32, 4 KB to 100 MB by default) and in the same run:
   against raw ``Sendrecv`` with the same peers;
 * ``allreduce`` (mean), against raw ``Allreduce`` (sum).
 
+With ``--device cuda`` every op also runs on a CUDA tensor of the same bytes (variant ``cuda``:
+staged through pinned host memory in chunks, or handed to a CUDA-aware MPI), timed to the end of
+its GPU work, next to the host-memory variants and the raw MPI call on host memory.
+
 "Ours" always includes the weighted sum the raw call does not do. Variants: ``check`` (default,
 one 16-byte allreduce per op to catch mismatched inputs) and ``nocheck``; with all ranks on one
 machine, ``staged`` (an ordinary tensor, copied into shared memory) and ``inplace`` (a tensor from
@@ -98,6 +102,15 @@ def ours_one_peer(dynamic: topologies.OnePeerExponentialTwo, x: torch.Tensor, ou
     return op
 
 
+def synced(op: Callable[[int], object]) -> Callable[[int], object]:
+    """``op`` followed by a device synchronisation, so that its time includes the GPU's work."""
+    def run(step: int) -> object:
+        result = op(step)
+        torch.cuda.synchronize()
+        return result
+    return run
+
+
 def measure_size(comm: MPI.Comm, nbytes: int, args: argparse.Namespace) -> list[dict]:
     n = comm.size
     numel = max(1, nbytes // 4)
@@ -109,8 +122,8 @@ def measure_size(comm: MPI.Comm, nbytes: int, args: argparse.Namespace) -> list[
     shared = gossip.uses_shared_memory()
     raw_x = plain.numpy()
 
-    def ours_static(x: torch.Tensor) -> Callable[[int], object]:
-        return lambda step: gossip.neighbor_allreduce(x, out=out)
+    def ours_static(x: torch.Tensor, into: torch.Tensor = out) -> Callable[[int], object]:
+        return lambda step: gossip.neighbor_allreduce(x, out=into)
 
     def nocheck(op: Callable[[int], object]) -> Callable[[int], object]:
         def run(step: int) -> object:
@@ -141,6 +154,14 @@ def measure_size(comm: MPI.Comm, nbytes: int, args: argparse.Namespace) -> list[
                   {"check": lambda step: gossip.allreduce(plain, out=out),
                    "nocheck": nocheck(lambda step: gossip.allreduce(plain, out=out))},
                   None))
+    if args.device == "cuda":  # the same ops on a CUDA tensor of the same bytes: staged or CUDA-aware
+        gpu = torch.device("cuda", gossip.local_rank() % torch.cuda.device_count())
+        on_gpu, out_gpu = plain.to(gpu), torch.empty_like(plain, device=gpu)
+        gpu_ops = [synced(ours_static(on_gpu, out_gpu)), synced(ours_static(on_gpu, out_gpu)),
+                   synced(ours_one_peer(dynamic, on_gpu, out_gpu)),
+                   synced(lambda step: gossip.allreduce(on_gpu, out=out_gpu))]
+        for (_, _, case_variants, _), op in zip(cases, gpu_ops, strict=True):
+            case_variants["cuda"] = op
 
     for label, raw, variants, extra in cases:
         if extra is not None:
@@ -174,11 +195,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per case; the median is kept")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--budget", default="256M", help="bytes moved per timed loop (sets iterations per size)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: add a 'cuda' variant of every op on a CUDA tensor of the same bytes "
+                             "(staged through pinned memory, or direct with a CUDA-aware MPI), next to the "
+                             "host-memory variants and the raw MPI call on host memory")
     parser.add_argument("--json", default=None, help="output JSON path (default results/primitives-np<N>.json)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # one core per rank, as MPI jobs are usually laid out
     gossip.init()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("primitives.py: --device cuda but torch sees no CUDA device")
+        torch.cuda.set_device(gossip.local_rank() % torch.cuda.device_count())
     comm = MPI.COMM_WORLD
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     rows: list[dict] = []
@@ -197,6 +226,7 @@ def main() -> None:
         path = Path(args.json or f"results/primitives-np{comm.size}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"ranks": comm.size, "machines": gossip.machine_size(), "shared_memory": gossip.uses_shared_memory(),
+                "device": args.device, "cuda_aware": gossip.cuda_aware(),
                 "mpi": MPI.Get_library_version().splitlines()[0], "torch": torch.__version__,
                 "host": platform.node(), "cpus": os.cpu_count()}
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -8,8 +8,12 @@ run, one after the other on the same ranks:
   exponential-2 and static exponential-2); or a periodic-averaging method (``local-sgd``,
   ``mavg``, ``bmuf``/``slowmo`` over ``--base``) with ``--period``;
 * PmSGD: allreduce of the fused gradient over ``gossip.allreduce`` (the Horovod way);
-* PyTorch ``DistributedDataParallel`` on the gloo backend, its process group initialised from
-  the MPI ranks (rank 0's address and a free port are broadcast over MPI).
+* PyTorch ``DistributedDataParallel`` on the gloo backend (NCCL with ``--device cuda``), its
+  process group initialised from the MPI ranks (rank 0's address and a free port are broadcast
+  over MPI).
+
+``--device cuda`` puts each rank's model and data on GPU ``local rank mod GPUs`` and synchronises
+the device before reading the clock.
 
 Each prints "samples/sec per rank: mean ± 1.96·std" over ``--num-iters`` iterations of
 ``--num-batches-per-iter`` batches after ``--num-warmup-batches``, and the total; then a table of
@@ -60,8 +64,9 @@ def make_model(name: str, width: int, classes: int = 10) -> tuple[torch.nn.Modul
     raise ValueError(f"unknown model {name!r}")
 
 
-def init_gloo() -> None:
-    """torch.distributed on gloo, rendezvous address from rank 0 over MPI (no launcher variables)."""
+def init_process_group(backend: str) -> None:
+    """torch.distributed on ``backend`` (gloo, nccl), rendezvous address from rank 0 over MPI (no
+    launcher variables)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -74,16 +79,17 @@ def init_gloo() -> None:
     from mpi4py import MPI
 
     address = MPI.COMM_WORLD.bcast(address, root=0)
-    dist.init_process_group("gloo", init_method=address, rank=gossip.rank(), world_size=gossip.size())
+    dist.init_process_group(backend, init_method=address, rank=gossip.rank(), world_size=gossip.size())
 
 
 def measure(label: str, args, build) -> dict:
     """Run warm-up and timed iterations of one method; return per-iteration samples/s per rank."""
     torch.manual_seed(0)
     model, shape = make_model(args.model, args.width)
-    model, step = build(model)
-    x = torch.randn(args.batch_size, *shape)
-    y = torch.randint(0, 10, (args.batch_size,))
+    model, step = build(model.to(args.device))
+    x = torch.randn(args.batch_size, *shape).to(args.device)
+    y = torch.randint(0, 10, (args.batch_size,)).to(args.device)
+    sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
 
     def batch() -> None:
         step(F.cross_entropy(model(x), y))
@@ -92,10 +98,12 @@ def measure(label: str, args, build) -> dict:
         batch()
     rates = []
     for _ in range(args.num_iters):
+        sync()
         gossip.barrier()
         began = time.perf_counter()
         for _ in range(args.num_batches_per_iter):
             batch()
+        sync()
         rates.append(args.batch_size * args.num_batches_per_iter / (time.perf_counter() - began))
     rates = gossip.allreduce(torch.tensor(rates, dtype=torch.float64), "mean").numpy()
     parameters = sum(p.numel() for p in model.parameters())
@@ -128,10 +136,19 @@ def main() -> int:
     parser.add_argument("--period", type=int, help="local-sgd, mavg, bmuf, slowmo: steps between exact averages")
     parser.add_argument("--base", default="local-sgd", help="slowmo, bmuf: the base algorithm")
     parser.add_argument("--no-ddp", action="store_true", help="skip the DistributedDataParallel baseline")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: one GPU per rank (local rank mod GPUs); DDP on NCCL")
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gossip.init()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("throughput.py: --device cuda but torch sees no CUDA device")
+        args.device = torch.device("cuda", gossip.local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = torch.device("cpu")
     n = gossip.size()
     if args.algorithm.startswith("cr-psgd"):
         raise SystemExit("throughput.py: cr-psgd changes its batch size every step; one step at a given batch costs "
@@ -153,14 +170,15 @@ def main() -> int:
     results.append(measure("PmSGD (gossip.allreduce)", args, lambda m: (
         m, optimizer_step(algorithms.create("pmsgd", m.parameters(), lr=0.01)))))
     if not args.no_ddp:
-        init_gloo()
+        backend = "nccl" if args.device.type == "cuda" else "gloo"
+        init_process_group(backend)
         from torch.nn.parallel import DistributedDataParallel
 
         def ddp(m):
-            wrapped = DistributedDataParallel(m)
+            wrapped = DistributedDataParallel(m, device_ids=[args.device] if args.device.type == "cuda" else None)
             return wrapped, optimizer_step(torch.optim.SGD(wrapped.parameters(), lr=0.01, momentum=0.9))
 
-        results.append(measure("DDP (gloo)", args, ddp))
+        results.append(measure(f"DDP ({backend})", args, ddp))
     if gossip.rank() == 0:
         baselines = results[-2:] if not args.no_ddp else results[-1:]
         print(f"\n{args.model} width {args.width}: {results[0]['parameters']:,} parameters, batch {args.batch_size} "
@@ -175,7 +193,8 @@ def main() -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"throughput-{args.model}-w{args.width}-np{n}"
-        stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        settings = {**vars(args), "device": str(args.device), "cuda_aware": gossip.cuda_aware()}
+        stem.with_suffix(".json").write_text(json.dumps({"args": settings, "results": results}, indent=1))
         try:
             import matplotlib
 

@@ -51,7 +51,10 @@ def allreduce(tensor: torch.Tensor, op: str = "mean", *, out: torch.Tensor | Non
     if problem is None and op == "mean" and not tensor.is_floating_point():
         problem = f"allreduce op 'mean' needs a floating-point tensor, got {tensor.dtype}"
     shape = tuple(tensor.shape) if problem is None else None
-    _agree_all(rt, "allreduce", (shape, getattr(tensor, "dtype", None), op), problem)
+    wire = torch.float32 if problem is None and tensor.dtype in LOW_PRECISION else getattr(tensor, "dtype", None)
+    chunks = rt.transport.pipeline.chunk_elements(wire) \
+        if problem is None and rt.transport.pipelined(tensor) else None  # staged in chunks: all ranks alike
+    _agree_all(rt, "allreduce", (shape, getattr(tensor, "dtype", None), op, chunks), problem)
 
     x = tensor.detach().contiguous()
     wide = x.float() if x.dtype in LOW_PRECISION else x
@@ -60,15 +63,10 @@ def allreduce(tensor: torch.Tensor, op: str = "mean", *, out: torch.Tensor | Non
         result = out  # reduce straight into the caller's buffer
     else:
         result = torch.empty_like(wide)
-    send = rt.transport.outgoing(wide.view(-1))
-    staged = rt.transport.staged(wide)
-    recv = rt.transport.incoming(wide.numel(), wide.dtype, wide.device) if staged else result.view(-1)
-    waiting.wait([rt.comm.Iallreduce(mpi_buffer(send), mpi_buffer(recv), op=MPI.SUM)], "allreduce",
-                 nbytes=send.numel() * send.element_size())
-    if recv.data_ptr() != result.data_ptr():
-        result.view(-1).copy_(recv)
-        rt.transport.done_with(recv)
-    rt.transport.done_with(send, wide.view(-1))
+    if chunks is not None:
+        _allreduce_pipelined(rt, wide.view(-1), result.view(-1))
+    else:
+        _allreduce_whole(rt, wide.view(-1), result.view(-1))
     if op == "mean":
         result.div_(rt.size)
     if wide is not x:
@@ -76,6 +74,30 @@ def allreduce(tensor: torch.Tensor, op: str = "mean", *, out: torch.Tensor | Non
     if out is not None and result is not out:
         return out.copy_(result)
     return result
+
+
+def _allreduce_pipelined(rt: Runtime, flat: torch.Tensor, result: torch.Tensor) -> None:
+    """Sum of a staged tensor, chunk by chunk through pinned host memory (:mod:`gossip.staging`)."""
+    def post(send: torch.Tensor, recv: torch.Tensor | None, m: int) -> list[MPI.Request]:
+        return [rt.comm.Iallreduce(mpi_buffer(send), mpi_buffer(recv), op=MPI.SUM)]
+
+    def consume(start: int, stop: int, received: torch.Tensor | None) -> None:
+        result[start:stop].copy_(received)
+
+    rt.transport.pipeline.run(flat, 1, post, consume, "allreduce")
+
+
+def _allreduce_whole(rt: Runtime, wide: torch.Tensor, result: torch.Tensor) -> None:
+    """Sum in one MPI call: device memory (CUDA-aware MPI or CPU) or one staged copy."""
+    send = rt.transport.outgoing(wide)
+    staged = rt.transport.staged(wide)
+    recv = rt.transport.incoming(wide.numel(), wide.dtype, wide.device) if staged else result
+    waiting.wait([rt.comm.Iallreduce(mpi_buffer(send), mpi_buffer(recv), op=MPI.SUM)], "allreduce",
+                 nbytes=send.numel() * send.element_size())
+    if recv.data_ptr() != result.data_ptr():
+        result.copy_(recv)
+        rt.transport.done_with(recv)
+    rt.transport.done_with(send, wide)
 
 
 def broadcast(tensor: torch.Tensor, root: int = 0) -> torch.Tensor:

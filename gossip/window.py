@@ -26,8 +26,11 @@ Weights: ``dst_weights`` (put/accumulate) scale what is sent to each out-neighbo
 ``src_weights`` (get) scale what is fetched; :meth:`update` folds the buffers into the tensor as
 ``x ← self_weight·x + Σ_j src_weights[j]·buffer_j`` (defaults: the window graph's weights),
 writes the result into the tensor in place, publishes it and resets the version counters;
-:meth:`Window.update_arrived` folds only the buffers written since the last update, uniformly. CUDA
-tensors are staged through host memory. Supported dtypes: float32 and float64.
+:meth:`Window.update_arrived` folds only the buffers written since the last update, uniformly. The
+window's memory is host memory (``MPI_Win_allocate``), so folds combine there and a CUDA tensor is
+staged through pinned buffers allocated with the window (one copy each way per call, nothing
+allocated per call; :meth:`buffers` returns tensors on the tensor's device). Supported dtypes:
+float32 and float64.
 """
 
 from __future__ import annotations
@@ -117,7 +120,13 @@ class Window:
             self._slots[:] = host  # published copy and every neighbour buffer start at the tensor
             self._all_counters[:] = 0
         self._one = np.ones(1, dtype=np.int64)
-        self._scratch = np.empty(self.numel, dtype=self._np_dtype)
+        # Host memory allocated once: where folds are combined, where gets land, and for a CUDA
+        # tensor the pinned buffers its values are staged through (each call copies, none allocates).
+        cuda = tensor.is_cuda
+        self._scratch_tensor = torch.empty(self.numel, dtype=tensor.dtype, pin_memory=cuda)
+        self._scratch = self._scratch_tensor.numpy()
+        self._outgoing = torch.empty(self.numel, dtype=tensor.dtype, pin_memory=True) if cuda else None
+        self._fetched = np.empty((len(self.sources), self.numel), dtype=self._np_dtype)
         _open[name] = self
         comm.Barrier()  # no rank writes into a window another rank has not initialised
         if not mutex:
@@ -136,7 +145,8 @@ class Window:
                              f"{self.tensor.dtype}, got {tensor.numel()} of {tensor.dtype}")
         flat = tensor.detach().reshape(-1)
         if flat.is_cuda:
-            flat = flat.to("cpu")
+            self._outgoing.copy_(flat)  # device to pinned host, synchronous
+            return self._outgoing.numpy()
         return flat.contiguous().numpy()
 
     @contextlib.contextmanager
@@ -225,7 +235,7 @@ class Window:
         weights = self._weights(src_weights, self.sources, "sources")
         fetched = {}
         for src in weights:
-            into = np.empty(self.numel, dtype=self._np_dtype)
+            into = self._fetched[self._slot_of[src] - 1]
             if self.mutex:
                 self._win.Lock(src, MPI.LOCK_EXCLUSIVE)
             self._win.Get([into, self._mpi_dtype], src, (self._data_offset, self.numel, self._mpi_dtype))
@@ -252,7 +262,8 @@ class Window:
         self._check_open()
         with self._own_lock():
             copies = self._slots[1:].copy()
-        return {src: torch.from_numpy(copies[k]).view(self.tensor.shape) for k, src in enumerate(self.sources)}
+        shape, device = self.tensor.shape, self.tensor.device
+        return {src: torch.from_numpy(copies[k]).view(shape).to(device) for k, src in enumerate(self.sources)}
 
     def update(self, self_weight: float | None = None, src_weights: Mapping[int, float] | None = None,
                reset_versions: bool = True) -> torch.Tensor:
@@ -294,7 +305,8 @@ class Window:
         return arrived
 
     def _set_tensor(self, values: np.ndarray) -> torch.Tensor:
-        """Write a fold's result (host memory) into the window's tensor, in place; returns the tensor."""
+        """Write a fold's result (host memory; pinned for a CUDA tensor) into the window's tensor, in
+        place; returns the tensor."""
         with torch.no_grad():
             self.tensor.copy_(torch.from_numpy(values).view(self.tensor.shape))
         return self.tensor

@@ -61,6 +61,8 @@ def main() -> int:
         timeline.start(args.timeline)
     device = torch.device("cuda", gossip.local_rank() % torch.cuda.device_count()) if args.device == "cuda" \
         else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # one rank per GPU: local rank -> device (NCCL, caching allocator)
 
     data = load_dataset(args)
     if args.algorithm in SERVER_ALGORITHMS:

@@ -49,14 +49,34 @@ def test_under_mpirun(script: str, np: int, env: dict | None) -> None:
     run_mpi(SCRIPTS / script, np, env=env)
 
 
-CUDA_CASES = [("neighbor_static.py", 2), ("neighbor_dynamic.py", 4), ("collectives.py", 2), ("windows.py", 2)]
+# Every CPU correctness script again with CUDA tensors (several ranks share the GPU), staged through
+# pinned host memory and, where the MPI is CUDA-aware, direct. Shared memory is CPU-only by design.
+CUDA_CASES = [
+    ("neighbor_static.py", 4, None), ("neighbor_dynamic.py", 4, None), ("collectives.py", 3, None),
+    ("dynamic_families.py", 4, None), ("windows.py", 4, None), ("hierarchical.py", 4, machines_of(2)),
+    ("algorithms_sync.py", 4, None), ("algorithms_periodic.py", 4, None), ("algorithms_async_gossip.py", 4, None),
+    ("parameter_server.py", 4, None), ("scheduler.py", 4, machines_of(2)), ("bad_input.py", 4, None),
+    ("runtime_services.py", 4, None),
+]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-@pytest.mark.parametrize("script,np", CUDA_CASES, ids=[f"cuda-{s[:-3]}-np{n}" for s, n in CUDA_CASES])
+@pytest.mark.parametrize("script,np,extra", CUDA_CASES,
+                         ids=[f"cuda-{s[:-3]}-np{n}{_label(e)}" for s, n, e in CUDA_CASES])
 @pytest.mark.parametrize("staging", ["staged", "cuda-aware-if-supported"])
-def test_cuda_under_mpirun(script: str, np: int, staging: str) -> None:
-    env = {"GOSSIP_TEST_DEVICE": "cuda"}
+def test_cuda_under_mpirun(script: str, np: int, extra: dict | None, staging: str) -> None:
+    env = {"GOSSIP_TEST_DEVICE": "cuda", **(extra or {})}
     if staging == "staged":
         env["GOSSIP_CUDA_AWARE"] = "0"
     run_mpi(SCRIPTS / script, np, env=env)
+
+
+# The chunked staging pipeline without a GPU: CPU tensors take the staged path (GOSSIP_STAGE_HOST=1)
+# in chunks of 64 bytes, so every test tensor is several chunks; the same correctness scripts must pass.
+STAGED_HOST = {"GOSSIP_STAGE_HOST": "1", "GOSSIP_STAGING_CHUNK_BYTES": "64"}
+STAGED_CASES = [("neighbor_static.py", 4), ("neighbor_dynamic.py", 4), ("collectives.py", 3)]
+
+
+@pytest.mark.parametrize("script,np", STAGED_CASES, ids=[f"staged-pipeline-{s[:-3]}-np{n}" for s, n in STAGED_CASES])
+def test_staging_pipeline_under_mpirun(script: str, np: int) -> None:
+    run_mpi(SCRIPTS / script, np, env=STAGED_HOST)

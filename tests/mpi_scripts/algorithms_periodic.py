@@ -10,7 +10,7 @@ import itertools
 
 import numpy as np
 import torch
-from _common import WORLD, expect_error
+from _common import WORLD, device, expect_error
 from algorithms_sync import TOL, check_round_trip, gather, loss_of, make_model, mixing, reference, trajectory
 
 import algorithms
@@ -201,7 +201,8 @@ def test_state_dict_round_trip_mid_period_is_bitwise():
 
 def _growing_batch(step: int, size: int):
     g = torch.Generator().manual_seed(7000 + 100 * step + R)
-    return torch.randn(size, 6, generator=g) + R, torch.randint(0, 3, (size,), generator=g)
+    x, y = torch.randn(size, 6, generator=g) + R, torch.randint(0, 3, (size,), generator=g)
+    return x.to(device()), y.to(device())
 
 
 def test_cr_psgd_and_catalyst_follow_their_equations():

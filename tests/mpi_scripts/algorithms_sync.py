@@ -7,7 +7,7 @@ mixing matrix W(k) from the topology); the gathered parameters must follow it to
 
 import numpy as np
 import torch
-from _common import WORLD
+from _common import WORLD, device
 
 import algorithms
 import gossip
@@ -21,14 +21,14 @@ TOL = 2e-5
 
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(100 * seed + R)  # different on every rank: the optimizer must broadcast rank 0's
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(device())
 
 
 def local_batch(step: int):
     g = torch.Generator().manual_seed(1000 * step + R)
     x = torch.randn(16, 6, generator=g) + R  # heterogeneous data: a different mean per rank
     y = torch.randint(0, 3, (16,), generator=g)
-    return x, y
+    return x.to(device()), y.to(device())
 
 
 def loss_of(model, step):
@@ -37,7 +37,7 @@ def loss_of(model, step):
 
 
 def gather(t: torch.Tensor) -> np.ndarray:
-    return np.stack(WORLD.allgather(t.detach().double().numpy().copy()))
+    return np.stack(WORLD.allgather(t.detach().double().cpu().numpy().copy()))
 
 
 def mixing(topology, step: int, every: int | None) -> np.ndarray:

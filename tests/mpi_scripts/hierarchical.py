@@ -46,13 +46,13 @@ def test_closed_form_on_static_and_time_varying_machine_graphs():
             y = gossip.hierarchical_neighbor_allreduce(x, machine_topology, step)
             assert y.shape == x.shape and y.dtype == dtype
             tol = 1e-5 if dtype == torch.float32 else 1e-12
-            assert np.allclose(y.double().numpy().reshape(-1), _expected(x, w), rtol=tol, atol=tol), (step, dtype)
+            assert np.allclose(y.double().cpu().numpy().reshape(-1), _expected(x, w), rtol=tol, atol=tol), (step, dtype)
             assert torch.equal(x, rank_values((3, 4), dtype, seed=step))  # input untouched
     half = rank_values((5,), torch.bfloat16)
     y = gossip.hierarchical_neighbor_allreduce(half)
     assert y.dtype == torch.bfloat16
     w = topologies.to_matrix(topologies.exponential_two(machines))
-    assert np.allclose(y.double().numpy(), _expected(half, w), rtol=2e-2, atol=2e-2)
+    assert np.allclose(y.double().cpu().numpy(), _expected(half, w), rtol=2e-2, atol=2e-2)
     out = torch.empty(3, 4)
     got = gossip.hierarchical_neighbor_allreduce(rank_values((3, 4), torch.float32), out=out)
     assert got is out
@@ -60,16 +60,16 @@ def test_closed_form_on_static_and_time_varying_machine_graphs():
 
 def test_one_machine_is_the_global_average_and_repeats_reach_consensus():
     x = rank_values((6,), torch.float64)
-    mean = np.mean(np.stack(WORLD.allgather(x.numpy())), axis=0)
+    mean = np.mean(np.stack(WORLD.allgather(x.cpu().numpy())), axis=0)
     if gossip.machine_size() == 1:
-        assert np.allclose(gossip.hierarchical_neighbor_allreduce(x).numpy(), mean, atol=1e-12)
+        assert np.allclose(gossip.hierarchical_neighbor_allreduce(x).cpu().numpy(), mean, atol=1e-12)
     family = topologies.OnePeerExponentialTwo(gossip.machine_size())
     y = x
     for step in range(12):
         y = gossip.hierarchical_neighbor_allreduce(y, family, step)
     sizes = np.bincount(_layout())  # ranks per machine (one collective, on every rank)
     if gossip.machine_size() & (gossip.machine_size() - 1) == 0 and len(set(sizes)) == 1:
-        assert np.allclose(y.numpy(), mean, atol=1e-10)  # equal machines, a power of two: exact
+        assert np.allclose(y.cpu().numpy(), mean, atol=1e-10)  # equal machines, a power of two: exact
 
 
 def test_bad_input_raises_on_every_rank():

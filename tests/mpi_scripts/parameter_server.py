@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import torch
-from _common import WORLD
+from _common import WORLD, device
 
 import algorithms
 import gossip
@@ -18,12 +18,13 @@ UPDATES = 30
 
 def _model():
     torch.manual_seed(R)  # different per rank: the optimizer broadcasts rank 0's
-    return torch.nn.Linear(4, 3).double()
+    return torch.nn.Linear(4, 3).double().to(device())
 
 
 def _batch(step: int):
     g = torch.Generator().manual_seed(100 * R + step)
-    return torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    return x.to(device()), y.to(device())
 
 
 def _train(name: str, hyper: dict, slow_worker: int | None = None):
@@ -35,9 +36,9 @@ def _train(name: str, hyper: dict, slow_worker: int | None = None):
         return None
     if opt.is_server:
         shard = opt.server.shard
-        start, arrivals = opt.x[shard].clone().numpy(), []
-        opt.serve(UPDATES, on_update=lambda w, g, ite, worker: arrivals.append((worker, ite, g.numpy().copy())))
-        return start, opt.x[shard].clone().numpy(), arrivals, opt.rule
+        start, arrivals = opt.x[shard].cpu().numpy().copy(), []
+        opt.serve(UPDATES, on_update=lambda w, g, ite, worker: arrivals.append((worker, ite, g.cpu().numpy().copy())))
+        return start, opt.x[shard].cpu().numpy().copy(), arrivals, opt.rule
     step = 0
     while not opt.stopped:
         if R == slow_worker:
