@@ -115,18 +115,19 @@ class Window:
         memory = np.frombuffer(self._win.tomemory(), dtype=np.uint8)
         self._all_counters = memory[:self._data_offset].view(np.int64)
         self._slots = memory[self._data_offset:].view(self._np_dtype).reshape(1 + len(self.sources), self.numel)
-        with self._own_lock():
-            host = self._host(tensor)
-            self._slots[:] = host  # published copy and every neighbour buffer start at the tensor
-            self._all_counters[:] = 0
         self._one = np.ones(1, dtype=np.int64)
         # Host memory allocated once: where folds are combined, where gets land, and for a CUDA
-        # tensor the pinned buffers its values are staged through (each call copies, none allocates).
+        # tensor the pinned buffers its values are staged through, one for puts in flight and one
+        # for the owner's folds (each call copies, none allocates).
         cuda = tensor.is_cuda
         self._scratch_tensor = torch.empty(self.numel, dtype=tensor.dtype, pin_memory=cuda)
         self._scratch = self._scratch_tensor.numpy()
-        self._outgoing = torch.empty(self.numel, dtype=tensor.dtype, pin_memory=True) if cuda else None
+        self._staging = [torch.empty(self.numel, dtype=tensor.dtype, pin_memory=True) for _ in range(2)] \
+            if cuda else []
         self._fetched = np.empty((len(self.sources), self.numel), dtype=self._np_dtype)
+        with self._own_lock():
+            self._slots[:] = self._host(tensor)  # published copy and every neighbour buffer start at the tensor
+            self._all_counters[:] = 0
         _open[name] = self
         comm.Barrier()  # no rank writes into a window another rank has not initialised
         if not mutex:
@@ -138,15 +139,17 @@ class Window:
         if self._win is None:
             raise ValueError(f"rank {self.rank}: window {self.name!r} has been freed")
 
-    def _host(self, tensor: torch.Tensor) -> np.ndarray:
-        """A flat host view (CPU) or staged copy (CUDA) of ``tensor``, checked against the window."""
+    def _host(self, tensor: torch.Tensor, fold: bool = False) -> np.ndarray:
+        """A flat host view (CPU) or staged copy (CUDA) of ``tensor``, checked against the window.
+        A CUDA tensor's copy for a fold (``fold``) never overwrites one a put may still be sending."""
         if tensor.numel() != self.numel or tensor.dtype != self.tensor.dtype:
             raise ValueError(f"rank {self.rank}: window {self.name!r} holds {self.numel} elements of "
                              f"{self.tensor.dtype}, got {tensor.numel()} of {tensor.dtype}")
         flat = tensor.detach().reshape(-1)
         if flat.is_cuda:
-            self._outgoing.copy_(flat)  # device to pinned host, synchronous
-            return self._outgoing.numpy()
+            staging = self._staging[1 if fold else 0]
+            staging.copy_(flat)  # device to pinned host, synchronous
+            return staging.numpy()
         return flat.contiguous().numpy()
 
     @contextlib.contextmanager
@@ -275,7 +278,7 @@ class Window:
         weights = self._src_weights if src_weights is None else self._weights(src_weights, self.sources, "sources")
         combined = self._scratch
         with self._own_lock():
-            np.multiply(self._host(self.tensor), self_weight, out=combined)
+            np.multiply(self._host(self.tensor, fold=True), self_weight, out=combined)
             for src, weight in weights.items():
                 combined += weight * self._slots[self._slot_of[src]]
             self._slots[0] = combined
@@ -295,7 +298,7 @@ class Window:
             arrived = [src for src in self.sources if self._all_counters[src] > 0]
             if not arrived:
                 return []
-            combined[:] = self._host(self.tensor)
+            combined[:] = self._host(self.tensor, fold=True)
             for src in arrived:
                 combined += self._slots[self._slot_of[src]]
                 self._all_counters[src] = 0
