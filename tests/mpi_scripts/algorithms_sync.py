@@ -40,6 +40,20 @@ def gather(t: torch.Tensor) -> np.ndarray:
     return np.stack(WORLD.allgather(t.detach().double().cpu().numpy().copy()))
 
 
+def dsgd_follows(schedule, mixing_at, steps: int = 3, seed: int = 3) -> None:
+    """DSGD on ``schedule`` against x ← W(k)(x − γ g), W(k) = ``mixing_at(k)``, step by step."""
+    model = make_model(seed=seed)
+    opt = algorithms.create("dsgd", model.parameters(), lr=0.1, topology=schedule)
+    x = gather(opt.x)
+    for step in range(steps):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        g = gather(opt.g)
+        opt.step()
+        x = mixing_at(step) @ (x - 0.1 * g)
+        assert np.allclose(gather(opt.x), x, rtol=TOL, atol=TOL), (schedule.describe(), step)
+
+
 def mixing(topology, step: int, every: int | None) -> np.ndarray:
     if every is not None and (step + 1) % every == 0:
         return np.full((N, N), 1.0 / N)

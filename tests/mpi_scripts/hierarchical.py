@@ -5,9 +5,8 @@ Run with GOSSIP_RANKS_PER_MACHINE=k to pretend k ranks per machine on one host."
 import numpy as np
 import torch
 from _common import WORLD, expect_error, rank_values
-from algorithms_sync import TOL, gather, loss_of, make_model
+from algorithms_sync import dsgd_follows
 
-import algorithms
 import gossip
 import topologies
 from gossip.schedule import HierarchicalSchedule, schedule_for
@@ -93,15 +92,6 @@ def test_dsgd_on_a_hierarchical_schedule_follows_its_equation():
                                   lambda k: topologies.to_matrix(topologies.ring(gossip.machine_size()))),
                                  (schedule_for("hierarchical"), family.mixing_matrix)):
         assert "hierarchical" in schedule.describe()
-        model = make_model(seed=2)
-        opt = algorithms.create("dsgd", model.parameters(), lr=0.1, topology=schedule)
-        x = gather(opt.x)
-        for step in range(4):
-            opt.zero_grad()
-            loss_of(model, step).backward()
-            g = gather(opt.g)
-            opt.step()
-            w = w_machines(step)[machine_of][:, machine_of] / sizes[machine_of][None, :]
-            x = w @ (x - 0.1 * g)
-            assert np.allclose(gather(opt.x), x, rtol=TOL, atol=TOL), step
+        dsgd_follows(schedule, lambda step, w=w_machines: w(step)[machine_of][:, machine_of]
+                     / sizes[machine_of][None, :], steps=4, seed=2)
     expect_error(lambda: HierarchicalSchedule(topologies.ring(gossip.machine_size() + 3)), "machine topology has")

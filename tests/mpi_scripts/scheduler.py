@@ -7,9 +7,8 @@ import math
 import numpy as np
 import torch
 from _common import WORLD, expect_error
-from algorithms_sync import TOL, gather, loss_of, make_model
+from algorithms_sync import dsgd_follows as _dsgd_follows
 
-import algorithms
 import gossip
 import topologies
 from gossip import CostModel, LinkCost, Scheduler
@@ -41,20 +40,6 @@ def test_probe_measures_the_links():
         small, large = model.predict(1e3), model.predict(1e8)
         assert all(large[plan] >= small[plan] for plan in small)
     expect_error(lambda: gossip.probe(small=10, large=5), "0 < small < large")
-
-
-def _dsgd_follows(schedule, mixing) -> None:
-    """Three DSGD steps on ``schedule`` against x ← W(k)(x − γ g) with ``mixing(k)``."""
-    model = make_model(seed=3)
-    opt = algorithms.create("dsgd", model.parameters(), lr=0.1, topology=schedule)
-    x = gather(opt.x)
-    for step in range(3):
-        opt.zero_grad()
-        loss_of(model, step).backward()
-        g = gather(opt.g)
-        opt.step()
-        x = mixing(step) @ (x - 0.1 * g)
-        assert np.allclose(gather(opt.x), x, rtol=TOL, atol=TOL), (schedule.describe(), step)
 
 
 def test_auto_builds_and_runs_the_plan_it_chose():
