@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n = {n}, {gossip.machine_size()} machine(s) of up to {model.ranks_per_machine} ranks; probed: "
               f"intra α = {model.intra.latency * 1e6:.2f} µs, {model.intra.bandwidth / 1e9:.2f} GB/s; "
               f"inter α = {model.inter.latency * 1e6:.2f} µs, {model.inter.bandwidth / 1e9:.2f} GB/s per machine; "
-              f"γ = {model.intra.reduce * 1e9:.3f} ns/byte")
+              f"γ = {model.intra.reduce * 1e9:.3f} ns/byte; overhead {model.overhead * 1e6:.0f} µs (allreduce), "
+              f"{(model.gossip_overhead or 0) * 1e6:.0f} µs (gossip), "
+              f"{(model.hierarchical_overhead or 0) * 1e6:.0f} µs (hierarchical); allreduce per-byte factor "
+              f"{model.allreduce_per_byte_factor:.2f}, gossip copies {model.copy_per_byte * 1e9:.3f} ns/byte")
         print(f"{'bytes':>10} {'plan':<24} {'predicted':>12} {'measured':>12} {'measured/predicted':>19}")
         for row in rows:
             print(f"{row['bytes']:>10} {row['plan']:<24} {row['predicted'] * 1e3:>10.3f}ms "
@@ -96,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"cost-model-np{n}.json"
         path.write_text(json.dumps({"model": {"intra": vars(model.intra), "inter": vars(model.inter),
-                                              "size": model.size, "ranks_per_machine": model.ranks_per_machine},
+                                              "size": model.size, "ranks_per_machine": model.ranks_per_machine,
+                                              "overhead": model.overhead, "gossip_overhead": model.gossip_overhead,
+                                              "hierarchical_overhead": model.hierarchical_overhead,
+                                              "allreduce_per_byte_factor": model.allreduce_per_byte_factor,
+                                              "copy_per_byte": model.copy_per_byte},
                                     "rows": rows}, indent=1))
         print(f"wrote {path}")
     gossip.shutdown()

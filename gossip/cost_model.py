@@ -24,7 +24,14 @@ Gropp, "Optimization of Collective Communication Operations in MPICH", IJHPCA 20
 * no communication (a local step): 0.
 
 Every communicating plan also pays ``overhead``: the library's fixed cost per op (its cross-rank
-input check, Python, and on an oversubscribed host the scheduler), measured by the probe.
+input check, Python, and on an oversubscribed host the scheduler), measured by the probe with a
+real one-element op; ``gossip_overhead`` and ``hierarchical_overhead``, when given, are the
+neighbour exchanges' and the hierarchical op's own. Real
+implementations move bytes slower than the links allow: ``allreduce_per_byte_factor`` scales the
+per-byte terms of the job's allreduce (the MPI's algorithm may not be a pipelined ring), and
+``copy_per_byte`` is what a gossip or hierarchical op spends per byte on its own copies (into and
+out of its buffers), once whatever its degree. The model as derived has 1 and 0; the probe
+calibrates both with one large op of each kind.
 
 The parameters come from :func:`gossip.probe` on the running job, or from a cluster profile
 (``benchmarks/simulate_scale.py``); the model predicts seconds per step for each plan.
@@ -83,16 +90,33 @@ class CostModel:
     size: int
     ranks_per_machine: int
     overhead: float = 0.0
+    gossip_overhead: float | None = None  # a neighbour exchange's fixed cost, when it differs from ``overhead``
+    hierarchical_overhead: float | None = None  # a hierarchical op's (three MPI calls), likewise
+    allreduce_per_byte_factor: float = 1.0  # the MPI allreduce's per-byte time over the ring model's
+    copy_per_byte: float = 0.0  # s/byte a gossip op spends on its own copies, once whatever its degree
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.ranks_per_machine < 1 or self.ranks_per_machine > self.size:
             raise ValueError(f"need 1 <= ranks_per_machine <= size, got {self.ranks_per_machine} and {self.size}")
         if not (self.overhead >= 0 and math.isfinite(self.overhead)):
             raise ValueError(f"overhead must be a finite number >= 0, got {self.overhead!r}")
+        for name in ("gossip_overhead", "hierarchical_overhead"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
+        if not (self.allreduce_per_byte_factor > 0 and math.isfinite(self.allreduce_per_byte_factor)):
+            raise ValueError(f"allreduce_per_byte_factor must be a finite number > 0, got "
+                             f"{self.allreduce_per_byte_factor!r}")
+        if not (self.copy_per_byte >= 0 and math.isfinite(self.copy_per_byte)):
+            raise ValueError(f"copy_per_byte must be a finite number >= 0, got {self.copy_per_byte!r}")
 
     @property
     def machines(self) -> int:
         return math.ceil(self.size / self.ranks_per_machine)
+
+    @property
+    def _gossip_fixed(self) -> float:
+        return self.overhead if self.gossip_overhead is None else self.gossip_overhead
 
     @property
     def _flat_link(self) -> LinkCost:
@@ -100,18 +124,23 @@ class CostModel:
         return self.inter if self.machines > 1 else self.intra
 
     def ring_allreduce(self, nbytes: float, ranks: int | None = None, link: LinkCost | None = None) -> float:
+        """The job's allreduce; with ``ranks`` and ``link``, a ring among some ranks as derived (the
+        calibration factor is the job-wide MPI allreduce's)."""
         n = self.size if ranks is None else ranks
         if n <= 1:
             return 0.0
+        factor = self.allreduce_per_byte_factor if ranks is None else 1.0
         link = self._flat_link if link is None else link
         share = (n - 1) / n * nbytes
-        return self.overhead + 2 * (n - 1) * link.latency + 2 * share * link.inverse_bandwidth + share * link.reduce
+        per_byte = 2 * share * link.inverse_bandwidth + share * link.reduce
+        return self.overhead + 2 * (n - 1) * link.latency + factor * per_byte
 
     def tree_allreduce(self, nbytes: float) -> float:
         steps, link = _log2(self.size), self._flat_link
         if steps == 0:
             return 0.0
-        return self.overhead + 2 * steps * link.message(nbytes) + steps * nbytes * link.reduce
+        per_byte = 2 * steps * nbytes * link.inverse_bandwidth + steps * nbytes * link.reduce
+        return self.overhead + 2 * steps * link.latency + self.allreduce_per_byte_factor * per_byte
 
     def _crossing(self, offset: int) -> tuple[int, list[bool]]:
         """(messages leaving machine 0, which of its ranks' messages stay inside) for one offset."""
@@ -134,7 +163,7 @@ class CostModel:
             latency += (self.inter if crossing else self.intra).latency
         bandwidth = max(leaving * self.inter.inverse_bandwidth, max(inside) * self.intra.inverse_bandwidth)
         reduce = self.inter.reduce if leaving else self.intra.reduce
-        return self.overhead + latency + nbytes * (bandwidth + len(offsets) * reduce)
+        return self._gossip_fixed + latency + nbytes * (bandwidth + len(offsets) * reduce + self.copy_per_byte)
 
     def graph(self, nbytes: float, topology) -> float:
         """Gossip on any static graph (a ``networkx`` graph or a mixing matrix W on the ``size``
@@ -155,7 +184,7 @@ class CostModel:
         latency = (leaves.sum(axis=1) * self.inter.latency + (sends & ~leaves).sum(axis=1) * self.intra.latency).max()
         bandwidth = max(leaving * self.inter.inverse_bandwidth, inside * self.intra.inverse_bandwidth)
         reduce = (self.inter if leaves.any() else self.intra).reduce * sends.sum(axis=0).max()
-        return self.overhead + float(latency) + nbytes * (bandwidth + reduce)
+        return self._gossip_fixed + float(latency) + nbytes * (bandwidth + reduce + self.copy_per_byte)
 
     def exponential(self, nbytes: float) -> float:
         """Static exponential-2 gossip: offsets 1, 2, 4, … < n, all at once."""
@@ -174,7 +203,8 @@ class CostModel:
         ring = 0.0 if k <= 1 else self.ring_allreduce(nbytes, ranks=k, link=self.intra) - self.overhead
         inside = ring + _log2(k) * self.intra.message(nbytes)
         between = machine_degree * (self.inter.message(nbytes) + nbytes * self.inter.reduce) if self.machines > 1 else 0
-        return self.overhead + inside + between
+        fixed = self.overhead if self.hierarchical_overhead is None else self.hierarchical_overhead
+        return fixed + inside + between + nbytes * self.copy_per_byte
 
     def predict(self, nbytes: float, machine_degree: int = 1) -> dict[str, float]:
         """Seconds per step of every plan for a message of ``nbytes``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -78,6 +79,23 @@ def test_overhead_is_paid_once_per_communicating_op():
         CostModel(INTRA, INTER, size=4, ranks_per_machine=2, overhead=-1.0)
 
 
+def test_calibration_fields_scale_their_own_terms():
+    plain = CostModel(INTRA, INTER, size=8, ranks_per_machine=4, overhead=1e-4)
+    tuned = CostModel(INTRA, INTER, size=8, ranks_per_machine=4, overhead=1e-4, gossip_overhead=3e-4,
+                      allreduce_per_byte_factor=5.0, copy_per_byte=2e-9)
+    N = 1e6
+    ring_fixed = 1e-4 + 2 * 7 * 1e-5  # overhead + 2(n-1)α: not scaled
+    assert tuned.ring_allreduce(N) - ring_fixed == pytest.approx(5 * (plain.ring_allreduce(N) - ring_fixed))
+    assert tuned.tree_allreduce(8) > plain.tree_allreduce(8)  # its per-byte part scaled too
+    # gossip: its own fixed cost, and the copies once, whatever the degree
+    assert tuned.gossip(N, [4]) == pytest.approx(plain.gossip(N, [4]) + 2e-4 + 2e-9 * N)
+    assert tuned.exponential(N) == pytest.approx(plain.exponential(N) + 2e-4 + 2e-9 * N)
+    assert tuned.graph(N, topologies.exponential_two(8)) == pytest.approx(tuned.exponential(N))
+    # hierarchical: the machine ring as derived (the factor is the job-wide allreduce's), plus the copies
+    assert tuned.hierarchical(N) == pytest.approx(plain.hierarchical(N) + 2e-9 * N)
+    assert replace(tuned, hierarchical_overhead=5e-4).hierarchical(N) == pytest.approx(tuned.hierarchical(N) + 4e-4)
+
+
 def test_bad_parameters():
     with pytest.raises(ValueError, match="latency"):
         LinkCost(latency=-1.0, inverse_bandwidth=0.0)
@@ -87,5 +105,11 @@ def test_bad_parameters():
         CostModel(INTRA, INTER, size=4, ranks_per_machine=8)
     with pytest.raises(ValueError, match="multiples of the job size"):
         CostModel(INTRA, INTER, size=4, ranks_per_machine=2).gossip(10, [4])
+    with pytest.raises(ValueError, match="gossip_overhead"):
+        CostModel(INTRA, INTER, size=4, ranks_per_machine=2, gossip_overhead=-1.0)
+    with pytest.raises(ValueError, match="allreduce_per_byte_factor"):
+        CostModel(INTRA, INTER, size=4, ranks_per_machine=2, allreduce_per_byte_factor=0.0)
+    with pytest.raises(ValueError, match="copy_per_byte"):
+        CostModel(INTRA, INTER, size=4, ranks_per_machine=2, copy_per_byte=-1.0)
     with pytest.raises(ValueError, match="machine_degree"):
         CostModel(INTRA, INTER, size=4, ranks_per_machine=2).hierarchical(10, -1)
