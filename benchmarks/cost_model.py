@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +23,12 @@ import torch
 
 import gossip
 import topologies
+from gossip.probing import slowest_median
 
 
 def timed(call, repeats: int) -> float:
-    """The slowest rank's median seconds per call (after one warm-up call)."""
-    call()
-    times = []
-    for _ in range(repeats):
-        gossip.barrier()
-        began = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - began)
-    mine = torch.tensor([float(np.median(times))], dtype=torch.float64)
-    everyone = gossip.allgather(mine)
-    return float(everyone.max())
+    """The slowest rank's median seconds per call (after one warm-up call), as the probe times ops."""
+    return slowest_median(gossip.context.current().comm, call, repeats)
 
 
 def plans(x: torch.Tensor, rank: int, one_peer, machines, degree: int) -> dict:

@@ -121,10 +121,10 @@ def probe(small: int = 8, large: int = 32 << 20, repeats: int = 20) -> CostModel
              else intra)
     bare = CostModel(intra, inter, size, max(local_sizes))
     one = torch.zeros(1)
-    op_time = _slowest_median(comm, lambda: allreduce(one), repeats)
-    gossip_time = _slowest_median(comm, lambda: _one_peer(one, comm.rank, size), repeats)
+    op_time = slowest_median(comm, lambda: allreduce(one), repeats)
+    gossip_time = slowest_median(comm, lambda: _one_peer(one, comm.rank, size), repeats)
     overhead = max(0.0, op_time - min(bare.ring_allreduce(4), bare.tree_allreduce(4)))
-    hierarchical_time = _slowest_median(comm, lambda: hierarchical_neighbor_allreduce(one), repeats)
+    hierarchical_time = slowest_median(comm, lambda: hierarchical_neighbor_allreduce(one), repeats)
     gossip_overhead = max(0.0, gossip_time - bare.gossip(4, [1]))
     hierarchical_overhead = max(0.0, hierarchical_time - bare.hierarchical(4))
     model = CostModel(intra, inter, size, max(local_sizes), overhead=overhead, gossip_overhead=gossip_overhead,
@@ -132,7 +132,7 @@ def probe(small: int = 8, large: int = 32 << 20, repeats: int = 20) -> CostModel
     return _calibrated(model, comm, large)
 
 
-def _slowest_median(comm: MPI.Comm, call, repeats: int = 3) -> float:
+def slowest_median(comm: MPI.Comm, call, repeats: int = 3) -> float:
     """The slowest rank's median seconds per ``call()`` (after one warm-up call)."""
     call()
     times = []
@@ -163,8 +163,8 @@ def _calibrated(model: CostModel, comm: MPI.Comm, large: int) -> CostModel:
         return model
     x = torch.ones(max(1, large // 4))
     rank, size = comm.rank, comm.size
-    allreduce_time = _slowest_median(comm, lambda: allreduce(x))
-    gossip_time = _slowest_median(comm, lambda: _one_peer(x, rank, size))
+    allreduce_time = slowest_median(comm, lambda: allreduce(x))
+    gossip_time = slowest_median(comm, lambda: _one_peer(x, rank, size))
     nbytes = x.numel() * x.element_size()
     allreduce_factor = _per_byte_factor(allreduce_time, lambda f: replace(
         model, allreduce_per_byte_factor=f).ring_allreduce(nbytes))
