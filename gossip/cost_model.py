@@ -142,47 +142,40 @@ class CostModel:
         per_byte = 2 * steps * nbytes * link.inverse_bandwidth + steps * nbytes * link.reduce
         return self.overhead + 2 * steps * link.latency + self.allreduce_per_byte_factor * per_byte
 
-    def _crossing(self, offset: int) -> tuple[int, list[bool]]:
-        """(messages leaving machine 0, which of its ranks' messages stay inside) for one offset."""
-        n, k = self.size, self.ranks_per_machine
-        stays = [(r + offset) % n // k == 0 for r in range(min(k, n))]
-        return stays.count(False), stays
-
     def gossip(self, nbytes: float, offsets: Sequence[int]) -> float:
         """Circulant gossip: every rank sends ``nbytes`` to rank + o (mod n) for each o in ``offsets`` at once."""
         offsets = [o % self.size for o in offsets]
         if any(o == 0 for o in offsets):
             raise ValueError(f"offsets must not be multiples of the job size {self.size} (a rank sending to itself)")
-        if not offsets:
-            return 0.0
-        latency, leaving, inside = 0.0, 0, [0] * min(self.ranks_per_machine, self.size)
+        ranks = np.arange(self.size)
+        sends = np.zeros((self.size, self.size), dtype=bool)
         for offset in offsets:
-            crossing, stays = self._crossing(offset)
-            leaving += crossing
-            inside = [count + stay for count, stay in zip(inside, stays, strict=True)]
-            latency += (self.inter if crossing else self.intra).latency
-        bandwidth = max(leaving * self.inter.inverse_bandwidth, max(inside) * self.intra.inverse_bandwidth)
-        reduce = self.inter.reduce if leaving else self.intra.reduce
-        return self._gossip_fixed + latency + nbytes * (bandwidth + len(offsets) * reduce + self.copy_per_byte)
+            sends[ranks, (ranks + offset) % self.size] = True
+        return self._exchange(nbytes, sends)
 
     def graph(self, nbytes: float, topology) -> float:
         """Gossip on any static graph (a ``networkx`` graph or a mixing matrix W on the ``size``
-        ranks): every rank sends ``nbytes`` to each out-neighbour at once. As :meth:`gossip`: the
-        messages leaving the busiest machine share its interface, the busiest rank's messages inside
-        its machine share its link, and a rank pays α per message (the inter α if it leaves)."""
+        ranks): every rank sends ``nbytes`` to each out-neighbour at once."""
         w = as_matrix(topology)
         if w.shape != (self.size, self.size):
             raise ValueError(f"the graph has {w.shape[0]} nodes, the model {self.size} ranks")
         sends = (w != 0).T  # sends[j, i]: j's message goes to i
         np.fill_diagonal(sends, False)
+        return self._exchange(nbytes, sends)
+
+    def _exchange(self, nbytes: float, sends: np.ndarray) -> float:
+        """Every rank j sends ``nbytes`` to each i with ``sends[j, i]``, all at once: the messages
+        leaving the busiest machine share its interface, the busiest rank's messages inside its
+        machine share its link, a rank pays α per message (the inter α if it leaves), and a rank
+        reduces what it receives."""
         if not sends.any():
             return 0.0
         machine = np.arange(self.size) // self.ranks_per_machine
         leaves = sends & (machine[:, None] != machine[None, :])
+        stays = sends & ~leaves
         leaving = np.bincount(machine, weights=leaves.sum(axis=1), minlength=self.machines).max()
-        inside = (sends & ~leaves).sum(axis=1).max()
-        latency = (leaves.sum(axis=1) * self.inter.latency + (sends & ~leaves).sum(axis=1) * self.intra.latency).max()
-        bandwidth = max(leaving * self.inter.inverse_bandwidth, inside * self.intra.inverse_bandwidth)
+        latency = (leaves.sum(axis=1) * self.inter.latency + stays.sum(axis=1) * self.intra.latency).max()
+        bandwidth = max(leaving * self.inter.inverse_bandwidth, stays.sum(axis=1).max() * self.intra.inverse_bandwidth)
         reduce = (self.inter if leaves.any() else self.intra).reduce * sends.sum(axis=0).max()
         return self._gossip_fixed + float(latency) + nbytes * (bandwidth + reduce + self.copy_per_byte)
 

@@ -159,8 +159,6 @@ def _per_byte_factor(measured: float, predict) -> float:
 def _calibrated(model: CostModel, comm: MPI.Comm, large: int) -> CostModel:
     """The model with its per-byte calibration set by one large allreduce and one large one-peer
     neighbour exchange (offset 1) as this library runs them on this job."""
-    if model.size == 1:
-        return model
     x = torch.ones(max(1, large // 4))
     rank, size = comm.rank, comm.size
     allreduce_time = slowest_median(comm, lambda: allreduce(x))

@@ -100,7 +100,7 @@ def rank_candidates(cost: CostModel, model_bytes: float, *, compute_seconds: flo
     instead of deriving it from the mixing time. Pure: no MPI."""
     _check(model_bytes, compute_seconds, min_saving, mixing_steps, global_avg_every)
     n, machines, per_machine = cost.size, cost.machines, cost.ranks_per_machine
-    target = mixing_steps if mixing_steps is not None else max(1, math.ceil(math.log2(n)) if n > 1 else 1)
+    target = mixing_steps if mixing_steps is not None else max(1, math.ceil(math.log2(n)))
     allreduce_seconds = min(cost.ring_allreduce(model_bytes), cost.tree_allreduce(model_bytes))
     result = [Candidate(ALLREDUCE, allreduce_seconds, 0.0, 1.0, None, allreduce_seconds)]
     if n > 1:

@@ -148,18 +148,22 @@ class StagingPipeline:
         landing = [self.pool.acquire(fan_in * chunk, flat.dtype, device) for _ in range(slots)] \
             if fan_in and cuda else recv
         copies = _Copies(device, self._stream(device) if cuda else None)
+
+        def span(c: int) -> tuple[int, int]:
+            return c * chunk, min(n, (c + 1) * chunk)
+
         try:
-            copies.out(send[0][:min(n, chunk)], flat[:chunk], 0)
+            copies.out(send[0], flat[:chunk], 0)
             for c in range(chunks):
-                start, stop = c * chunk, min(n, (c + 1) * chunk)
+                start, stop = span(c)
                 m, slot = stop - start, c % 2
                 copies.wait_out(slot)
                 copies.wait_landed(slot)
                 received = recv[slot][:fan_in * m] if fan_in else None
                 requests = post(send[slot][:m], received, m)
                 if c + 1 < chunks:  # the next chunk goes to the host while this one is on the wire
-                    nxt = (c + 1) * chunk
-                    copies.out(send[1 - slot][:min(n, nxt + chunk) - nxt], flat[nxt:nxt + chunk], 1 - slot)
+                    after, end = span(c + 1)
+                    copies.out(send[1 - slot][:end - after], flat[after:end], 1 - slot)
                 waiting.wait(requests, what, peers, nbytes=m * flat.element_size())
                 on_device = None
                 if fan_in:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 from _common import WORLD, expect_error
-from algorithms_sync import dsgd_follows as _dsgd_follows
+from algorithms_sync import dsgd_follows
 
 import gossip
 import topologies
@@ -49,12 +49,12 @@ def test_auto_builds_and_runs_the_plan_it_chose():
     chosen = Scheduler.auto(1e3, CostModel(LATENCY, LATENCY, N, k, overhead=1e-2))
     assert chosen.choice.name == "allreduce" and isinstance(chosen.schedule, AllreduceSchedule)
     assert "chosen: allreduce" in chosen.describe()
-    _dsgd_follows(chosen, lambda step: average)
+    dsgd_follows(chosen, lambda step: average)
     # bandwidth-bound, one rank per machine in the model: one-peer exponential-2
     chosen = Scheduler.auto(1e8, CostModel(SLOW, SLOW, N, 1))
     assert chosen.choice.name == "one-peer exponential-2", chosen.describe()
     one_peer = topologies.OnePeerExponentialTwo(N)
-    _dsgd_follows(chosen, one_peer.mixing_matrix)
+    dsgd_follows(chosen, one_peer.mixing_matrix)
     # fast machines, a slow network: hierarchical (machine average, one-peer between machines)
     if machines > 1 and k > 1:
         chosen = Scheduler.auto(1e8, CostModel(FAST, SLOW, N, k))
@@ -62,19 +62,19 @@ def test_auto_builds_and_runs_the_plan_it_chose():
         machine_of = np.array(WORLD.allgather(gossip.machine_rank()))
         sizes = np.bincount(machine_of)
         between = topologies.OnePeerExponentialTwo(machines)
-        _dsgd_follows(chosen, lambda step: between.mixing_matrix(step)[machine_of][:, machine_of]
+        dsgd_follows(chosen, lambda step: between.mixing_matrix(step)[machine_of][:, machine_of]
                       / sizes[machine_of][None, :])
     # latency-bound, a mixing target of one step: only the static exponential graph meets it unaided
     chosen = Scheduler.auto(1e3, CostModel(LATENCY, LATENCY, N, 1), mixing_steps=1)
     assert chosen.choice.name == "exponential-2" and chosen.choice.global_avg_every is None, chosen.describe()
-    _dsgd_follows(chosen, lambda step: topologies.to_matrix(topologies.exponential_two(N)))
+    dsgd_follows(chosen, lambda step: topologies.to_matrix(topologies.exponential_two(N)))
     # a fixed global averaging period H: Gossip-PGA over the chosen gossip
     chosen = Scheduler.auto(1e3, CostModel(LATENCY, LATENCY, N, 1), mixing_steps=1, global_avg_every=3)
     assert chosen.choice.name == "one-peer exponential-2" and isinstance(chosen.schedule, PeriodicGlobalAverage)
-    _dsgd_follows(chosen, lambda step: average if (step + 1) % 3 == 0 else one_peer.mixing_matrix(step))
+    dsgd_follows(chosen, lambda step: average if (step + 1) % 3 == 0 else one_peer.mixing_matrix(step))
     # a warm-up of exact averages before the gossip
     chosen = Scheduler.auto(1e8, CostModel(SLOW, SLOW, N, 1), warmup_steps=2)
-    _dsgd_follows(chosen, lambda step: average if step < 2 else one_peer.mixing_matrix(step))
+    dsgd_follows(chosen, lambda step: average if step < 2 else one_peer.mixing_matrix(step))
     expect_error(lambda: Scheduler.auto(1e8, CostModel(SLOW, SLOW, N, 1), warmup_steps=-1), "warmup_steps")
 
 
