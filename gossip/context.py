@@ -19,6 +19,7 @@ from mpi4py import MPI
 from gossip import timeline, waiting
 from gossip.errors import GossipError
 from gossip.graph_comm import StaticTopology, build_static_topology
+from gossip.handles import InFlight
 from gossip.shared_memory import NodeMemory
 from gossip.tensors import BufferPool
 from gossip.transport import Transport, detect_cuda_aware
@@ -30,6 +31,7 @@ _ENV_ABORT = "GOSSIP_ABORT_ON_ERROR"
 _ENV_SHARED_MEMORY = "GOSSIP_SHARED_MEMORY"
 _ENV_OP_TIMEOUT = "GOSSIP_OP_TIMEOUT"
 _ENV_TIMELINE = "GOSSIP_TIMELINE"
+_ENV_DEBUG_BUFFERS = "GOSSIP_DEBUG_BUFFERS"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Runtime:
     node_memory: NodeMemory
     layout: Layout
     pool: BufferPool = field(default_factory=BufferPool)
+    in_flight: InFlight = field(default_factory=InFlight)
+    debug_buffers: bool = False  # poison released buffers, check sent tensors are untouched until complete
 
     @property
     def rank(self) -> int:
@@ -148,7 +152,9 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
     watchdog (:func:`gossip.set_op_timeout`); ``GOSSIP_TIMELINE=<file>`` records a trace
     (:mod:`gossip.timeline`). When all ranks share one machine, blocking
     neighbour averaging of CPU tensors goes through shared memory (``GOSSIP_SHARED_MEMORY=0`` to
-    use MPI messages instead).
+    use MPI messages instead). ``GOSSIP_DEBUG_BUFFERS=1`` fills every buffer given back to the
+    pool with NaN, checks that a tensor being sent is unchanged when its op completes, and reports
+    handles dropped before completion.
     """
     global _runtime
     if _runtime is not None:
@@ -157,7 +163,8 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
         MPI.Init_thread()
     comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
     local, leaders, machine_rank, machine_size = _split_machines(comm)
-    pool = BufferPool()
+    debug_buffers = _env_flag(_ENV_DEBUG_BUFFERS, False)
+    pool = BufferPool(poison=debug_buffers)
     topology = build_static_topology(comm, exponential_two(comm.size))
     _runtime = Runtime(
         comm=comm,
@@ -171,6 +178,8 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
         node_memory=NodeMemory(comm, enabled=_env_flag(_ENV_SHARED_MEMORY, True)),
         layout=_discover_layout(comm, local, machine_size),
         pool=pool,
+        in_flight=InFlight(warn=debug_buffers),
+        debug_buffers=debug_buffers,
     )
     if _env_flag(_ENV_ABORT, True):
         _abort_on_uncaught(comm)
@@ -187,6 +196,7 @@ def shutdown() -> None:
         return
     from gossip import window
 
+    _runtime.in_flight.complete_all()  # MPI may still use their buffers, and they use our communicators
     for open_window in list(window._open.values()):  # windows live on the runtime's communicator
         open_window.free()
     rt, _runtime = _runtime, None

@@ -1,14 +1,82 @@
-"""Handles of nonblocking operations."""
+"""Handles of nonblocking operations, and the runtime's record of the operations still in flight.
+
+A buffer handed to MPI must stay alive and untouched until its request completes. A handle owns
+its requests (which hold their buffers) and the closure that finishes the op (which holds the
+pooled buffers it gives back). If the caller drops a handle before waiting on it (an optimizer
+garbage-collected with its overlapped gossip in flight, a benchmark moving on), MPI would go on
+reading and writing memory that Python has freed. So every handle with requests is registered
+with :class:`InFlight`: when a handle is collected unfinished, its requests and buffers are
+adopted, kept until MPI completes them (tested at every new op, waited at ``shutdown``), and only
+then dropped; the op's result is discarded and nothing is written into the caller's tensors.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from mpi4py import MPI
 
 from gossip import timeline, waiting
+from gossip.errors import GossipError
+
+
+class _Operation:
+    """What must outlive a dropped handle: its requests and the buffers its finish closure holds."""
+
+    __slots__ = ("requests", "finish", "what")
+
+    def __init__(self, requests: list[MPI.Request], finish: Callable[[], torch.Tensor], what: str) -> None:
+        self.requests, self.finish, self.what = requests, finish, what
+
+    def done(self) -> bool:
+        return bool(MPI.Request.Testall(self.requests))
+
+
+class InFlight:
+    """The runtime's operations in flight: live handles (weakly) and the adopted operations of
+    handles dropped before completion (strongly, until MPI completes them)."""
+
+    def __init__(self, warn: bool = False) -> None:
+        self._live: weakref.WeakSet[Handle] = weakref.WeakSet()
+        self._orphans: list[_Operation] = []
+        self.warn = warn  # say so on stderr when a handle is dropped unfinished (debug mode)
+        self.adopted = 0  # how many operations were ever adopted
+
+    def track(self, handle: Handle) -> weakref.finalize:
+        self._live.add(handle)
+        self.reap()
+        return weakref.finalize(handle, self._adopt, handle._operation)
+
+    def _adopt(self, operation: _Operation) -> None:
+        self._orphans.append(operation)
+        self.adopted += 1
+        if self.warn:
+            print(f"gossip: rank {MPI.COMM_WORLD.rank}: a {operation.what} handle was dropped before completion; "
+                  "its buffers are kept until MPI completes it and its result is discarded", file=sys.stderr)
+
+    def reap(self) -> None:
+        """Drop the adopted operations that MPI has completed (progressing the others)."""
+        if self._orphans:
+            self._orphans = [op for op in self._orphans if not op.done()]
+
+    def pending(self) -> int:
+        """Operations started and not completed: live handles not yet waited on, plus adopted ones."""
+        self.reap()
+        return sum(1 for h in self._live if h._operation is not None) + len(self._orphans)
+
+    def complete_all(self) -> None:
+        """Complete every operation in flight (collective in effect: the peers must run theirs);
+        live handles are finished as if waited on, adopted operations are completed and dropped."""
+        for handle in list(self._live):
+            if handle._operation is not None:
+                handle.wait()
+        orphans, self._orphans = self._orphans, []
+        for op in orphans:
+            waiting.wait(op.requests, f"{op.what} (dropped before completion)")
 
 
 class Handle:
@@ -16,26 +84,36 @@ class Handle:
 
     Several handles may be in flight at once and may be waited on in any order. ``what``,
     ``peers`` (None: all ranks) and ``nbytes`` describe the op for the watchdog and the timeline.
+    ``in_flight`` is the runtime's record (:class:`InFlight`), which keeps the op's buffers alive
+    should this handle be dropped before ``wait()``.
     """
 
     def __init__(self, requests: list[MPI.Request], finish: Callable[[], torch.Tensor], *, what: str = "op",
-                 peers: Sequence[int] | None = None, nbytes: int | None = None) -> None:
-        self._requests = requests
-        self._finish: Callable[[], torch.Tensor] | None = finish
+                 peers: Sequence[int] | None = None, nbytes: int | None = None,
+                 in_flight: InFlight | None = None) -> None:
+        self._operation: _Operation | None = _Operation(requests, finish, what)
         self._result: torch.Tensor | None = None
         self.what, self.peers, self.nbytes = what, peers, nbytes
         self._launched = time.perf_counter() if timeline.active() else None
+        self._finalizer = None
+        if requests:
+            if in_flight is None:
+                raise GossipError(f"{what}: a handle with MPI requests needs the runtime's in-flight record")
+            self._finalizer = in_flight.track(self)
 
     def done(self) -> bool:
         """True if the transfers have completed (``wait()`` will not block on communication)."""
-        return self._finish is None or bool(MPI.Request.Testall(self._requests))
+        return self._operation is None or self._operation.done()
 
     def wait(self) -> torch.Tensor:
         """Block until the transfers complete, finish the operation and return its result."""
-        if self._finish is not None:
-            waiting.wait(self._requests, self.what, self.peers, self.nbytes)
-            finish, self._finish = self._finish, None
-            self._result = finish()
+        operation = self._operation
+        if operation is not None:
+            waiting.wait(operation.requests, self.what, self.peers, self.nbytes)
+            self._operation = None
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            self._result = operation.finish()
             if self._launched is not None:
                 timeline.record(self.what, "communication", self._launched, time.perf_counter(),
                                 track=timeline.COMMUNICATION, args=timeline.op_args(self.peers, self.nbytes))

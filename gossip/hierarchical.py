@@ -80,21 +80,22 @@ def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.D
     staged = transport.staged(values)  # CUDA without a CUDA-aware MPI: the wire is pinned host memory
     send = transport.outgoing(values)
     mean = rt.pool.acquire(numel, wide, torch.device("cpu") if staged else values.device, pinned=staged)
-    try:
-        waiting.wait([rt.local_comm.Iallreduce(mpi_buffer(send), mpi_buffer(mean), op=MPI.SUM)],
-                     "hierarchical_neighbor_allreduce: machine allreduce", nbytes=numel * mean.element_size())
-        transport.done_with(send, values)
-        mean.div_(rt.local_comm.size)
-        if rt.local_comm.rank == 0 and machines > 1:
-            _gossip_between_machines(rt, mean, family.peers(step, machine))
-        _ready(mean)
-        waiting.wait([rt.local_comm.Ibcast(mpi_buffer(mean), root=0)],
-                     "hierarchical_neighbor_allreduce: machine broadcast", nbytes=mean.numel() * mean.element_size())
-        if out is not None:  # straight into the caller's buffer (converting dtype and device as needed)
-            return out.copy_(mean.view(out.shape))
-        return mean.view(tensor.shape).to(tensor.device, tensor.dtype, copy=True)
-    finally:
-        rt.pool.release(mean)
+    # On an error (a timeout) ``mean`` is not given back to the pool: MPI may still write into it.
+    waiting.wait([rt.local_comm.Iallreduce(mpi_buffer(send), mpi_buffer(mean), op=MPI.SUM)],
+                 "hierarchical_neighbor_allreduce: machine allreduce", nbytes=numel * mean.element_size())
+    transport.done_with(send, values)
+    mean.div_(rt.local_comm.size)
+    if rt.local_comm.rank == 0 and machines > 1:
+        _gossip_between_machines(rt, mean, family.peers(step, machine))
+    _ready(mean)
+    waiting.wait([rt.local_comm.Ibcast(mpi_buffer(mean), root=0)],
+                 "hierarchical_neighbor_allreduce: machine broadcast", nbytes=mean.numel() * mean.element_size())
+    if out is not None:  # straight into the caller's buffer (converting dtype and device as needed)
+        result = out.copy_(mean.view(out.shape))
+    else:
+        result = mean.view(tensor.shape).to(tensor.device, tensor.dtype, copy=True)
+    rt.pool.release(mean)
+    return result
 
 
 def _ready(t: torch.Tensor) -> None:
@@ -113,12 +114,10 @@ def _gossip_between_machines(rt, mean: torch.Tensor, peers: StepPeers) -> None:
     scaled = {dst: torch.mul(mean, scale, out=pool.acquire(numel, mean.dtype, mean.device, pinned=pinned))
               for dst, scale in destinations.items() if scale != 1.0}
     _ready(mean)
-    try:
-        requests = [leaders.Irecv(mpi_buffer(received[src]), source=src, tag=TAG) for src in sources]
-        requests += [leaders.Isend(mpi_buffer(scaled.get(dst, mean)), dest=dst, tag=TAG) for dst in destinations]
-        waiting.wait(requests, "hierarchical_neighbor_allreduce: gossip between machines",
-                     peers=sorted(set(sources) | set(destinations)), nbytes=numel * mean.element_size())
-        weighted_sum([(self_weight, mean), *((weight, received[src]) for src, weight in sources.items())], mean)
-    finally:
-        for buf in (*received.values(), *scaled.values()):
-            pool.release(buf)
+    requests = [leaders.Irecv(mpi_buffer(received[src]), source=src, tag=TAG) for src in sources]
+    requests += [leaders.Isend(mpi_buffer(scaled.get(dst, mean)), dest=dst, tag=TAG) for dst in destinations]
+    waiting.wait(requests, "hierarchical_neighbor_allreduce: gossip between machines",
+                 peers=sorted(set(sources) | set(destinations)), nbytes=numel * mean.element_size())
+    weighted_sum([(self_weight, mean), *((weight, received[src]) for src, weight in sources.items())], mean)
+    for buf in (*received.values(), *scaled.values()):  # only once complete: on an error MPI may still use them
+        pool.release(buf)

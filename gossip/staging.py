@@ -152,6 +152,7 @@ class StagingPipeline:
         def span(c: int) -> tuple[int, int]:
             return c * chunk, min(n, (c + 1) * chunk)
 
+        completed = False
         try:
             copies.out(send[0], flat[:chunk], 0)
             for c in range(chunks):
@@ -171,7 +172,9 @@ class StagingPipeline:
                     copies.into(on_device, received, slot)
                 consume(start, stop, on_device)
                 copies.done_consuming(slot)
+            completed = True
         finally:
             copies.finish()
-            for buf in (*send, *recv, *(landing if landing is not recv else ())):
-                self.pool.release(buf)
+            if completed:  # after an error (a timeout) MPI may still use them: never back to the pool
+                for buf in (*send, *recv, *(landing if landing is not recv else ())):
+                    self.pool.release(buf)

@@ -57,9 +57,10 @@ class BufferPool:
     several ops in flight never share a buffer.
     """
 
-    def __init__(self, keep_per_key: int = 4) -> None:
+    def __init__(self, keep_per_key: int = 4, poison: bool = False) -> None:
         self._free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self._keep = keep_per_key
+        self.poison = poison  # debug: fill every released buffer with NaN (0xFF bytes for integers)
 
     def acquire(self, numel: int, dtype: torch.dtype, device: torch.device, pinned: bool = False) -> torch.Tensor:
         """A 1-D tensor of ``numel`` elements; its contents are undefined."""
@@ -73,12 +74,24 @@ class BufferPool:
         """Return a buffer obtained from :meth:`acquire`."""
         key = (buf.numel(), buf.dtype, buf.device, buf.is_pinned() if not buf.is_cuda else False)
         free = self._free[key]
+        if self.poison:
+            if any(b.data_ptr() == buf.data_ptr() for b in free):
+                raise RuntimeError(f"a pooled buffer of {buf.numel()} {buf.dtype} was released twice")
+            poison_(buf)
         if len(free) < self._keep:
             free.append(buf)
 
     def clear(self) -> None:
         """Drop every cached buffer."""
         self._free.clear()
+
+
+def poison_(buf: torch.Tensor) -> None:
+    """Fill ``buf`` with NaN (floating point) or 0xFF bytes, so that a read of released memory shows."""
+    if buf.dtype.is_floating_point:
+        buf.fill_(float("nan"))
+    else:
+        buf.view(torch.uint8).fill_(0xFF)
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

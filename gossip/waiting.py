@@ -24,6 +24,9 @@ from gossip.errors import GossipError
 
 _op_timeout: float | None = None
 _waited = 0.0
+# Requests of ops abandoned by a timeout: MPI may still read or write their buffers, which these
+# requests keep alive, so they are never dropped (the job normally aborts right after).
+_abandoned: list[MPI.Request] = []
 
 
 class OpTimeoutError(GossipError):
@@ -78,8 +81,12 @@ def wait(requests: Sequence[MPI.Request], what: str, peers: Sequence[int] | None
     """Complete ``requests`` of the op ``what`` (on ``peers``; None: all ranks)."""
     if not requests:
         return
-    begin, end = _block(lambda: MPI.Request.Waitall(requests), lambda: MPI.Request.Testall(requests), what, peers,
-                        nbytes)
+    try:
+        begin, end = _block(lambda: MPI.Request.Waitall(requests), lambda: MPI.Request.Testall(requests), what,
+                            peers, nbytes)
+    except OpTimeoutError:
+        _abandoned.extend(requests)
+        raise
     if timeline.active():
         timeline.record(f"wait {what}", "communication", begin, end, args=timeline.op_args(peers, nbytes))
 

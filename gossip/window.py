@@ -208,7 +208,8 @@ class Window:
             return self.tensor
 
         what = f"window {self.name!r} {'accumulate' if accumulate else 'put'}"
-        return Handle(requests, finish, what=what, peers=list(weights), nbytes=self._slot_bytes * len(weights))
+        return Handle(requests, finish, what=what, peers=list(weights), nbytes=self._slot_bytes * len(weights),
+                      in_flight=context.current().in_flight)
 
     def put(self, tensor: torch.Tensor | None = None, dst_weights: Mapping[int, float] | None = None) -> None:
         """Write ``dst_weights[d]·tensor`` (default: the window's tensor, weight 1, every
