@@ -10,9 +10,13 @@ Quick use::
 See ``README.md`` for the full API and ``topologies`` for graphs and weights.
 """
 
-from gossip import checkpoint, data, timeline
-from gossip.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters
-from gossip.context import (
+from gossip import mpi_settings as _mpi_settings
+
+_mpi_settings.apply_defaults()  # before anything imports mpi4py's MPI, which starts MPI
+
+from gossip import checkpoint, data, timeline  # noqa: E402
+from gossip.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters  # noqa: E402
+from gossip.context import (  # noqa: E402
     cuda_aware,
     in_neighbors,
     init,
@@ -31,17 +35,17 @@ from gossip.context import (
     topology,
     uses_shared_memory,
 )
-from gossip.cost_model import CostModel, LinkCost
-from gossip.errors import GossipError, InputMismatchError
-from gossip.flat import FlatBuffer, group_by_dtype_and_device, shared_empty
-from gossip.handles import Handle
-from gossip.hierarchical import hierarchical_neighbor_allreduce
-from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
-from gossip.probing import probe
-from gossip.schedule import Plan, Schedule, schedule_for
-from gossip.scheduler import Scheduler
-from gossip.waiting import OpTimeoutError, op_timeout, reset_waited, set_op_timeout, waited_seconds
-from gossip.window import Window, open_windows
+from gossip.cost_model import CostModel, LinkCost  # noqa: E402
+from gossip.errors import GossipError, InputMismatchError  # noqa: E402
+from gossip.flat import FlatBuffer, group_by_dtype_and_device, shared_empty  # noqa: E402
+from gossip.handles import Handle  # noqa: E402
+from gossip.hierarchical import hierarchical_neighbor_allreduce  # noqa: E402
+from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async  # noqa: E402
+from gossip.probing import probe  # noqa: E402
+from gossip.schedule import Plan, Schedule, schedule_for  # noqa: E402
+from gossip.scheduler import Scheduler  # noqa: E402
+from gossip.waiting import OpTimeoutError, op_timeout, reset_waited, set_op_timeout, waited_seconds  # noqa: E402
+from gossip.window import Window, open_windows  # noqa: E402
 
 __all__ = [
     "CostModel",

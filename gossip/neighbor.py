@@ -1,9 +1,15 @@
 """Weighted neighbour averaging: ``neighbor_allreduce`` and ``neighbor_allgather``.
 
-On the static topology, values move with one MPI neighbourhood collective
-(``Neighbor_allgather`` on the dist-graph communicator); per-call ``dst_weights`` select a dynamic
-(per-step) exchange done with point-to-point ``Isend``/``Irecv``. Either way the received values
-land in a pooled buffer and are combined by one pass of :func:`gossip.reduce.weighted_sum`.
+On the static topology, a message of one chunk (``GOSSIP_MESSAGE_CHUNK_BYTES``, 1 MiB by
+default) moves with one MPI neighbourhood collective (``Neighbor_allgather`` on the dist-graph
+communicator); per-call ``dst_weights`` select a dynamic (per-step) exchange done with
+point-to-point ``Isend``/``Irecv``. A larger message, static or dynamic, moves point-to-point as
+chunks, every chunk's receive posted before any send: over TCP a large message goes by
+rendezvous, and when two ranks exchange with each other one direction's handshake waits behind
+the other direction's data, halving the rate; chunks within the transport's eager limit (which
+:mod:`gossip.mpi_settings` raises for Open MPI's TCP transport) stream both ways at line rate.
+Either way the received values land in a pooled buffer and are combined by one pass of
+:func:`gossip.reduce.weighted_sum`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from mpi4py import MPI
 
 from gossip import checks, waiting
 from gossip.context import Runtime, current
-from gossip.errors import InputMismatchError
+from gossip.errors import GossipError, InputMismatchError
 from gossip.graph_comm import WEIGHT_TOLERANCE
 from gossip.handles import Handle
 from gossip.reduce import weighted_sum
@@ -157,7 +163,9 @@ def _checked_exchange(rt: Runtime, tensor: torch.Tensor, op: str, self_weight: f
 
 def _protocol(exchange: _Exchange | None, path: tuple) -> int | None:
     """What every rank must do alike, edges or not: 3 shared memory, 1/2 blocking/non-blocking
-    neighbourhood collective, 0 point-to-point (blocking and non-blocking sends match)."""
+    neighbourhood collective, 0 point-to-point (blocking and non-blocking sends match). Whether a
+    static exchange goes as one neighbourhood collective or as point-to-point chunks follows from
+    the message size, which both ends of every edge already agree on."""
     if exchange is None or not path:
         return None
     if path[0] == "shared-memory":
@@ -206,24 +214,26 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
     recv = transport.incoming(d * n, flat.dtype, device) if d else None
     requests: list[MPI.Request] = []
     scales = None
-    if not ex.dynamic:
-        if ex.sources or ex.destinations:
-            recvbuf = mpi_buffer(recv if recv is not None else send[:0])
-            recvbuf[1] = n  # count per neighbour
-            requests.append(rt.topology.dist_comm.Ineighbor_allgather(mpi_buffer(send), recvbuf))
-    else:
-        comm = rt.comm
+    spans = transport.chunk_spans(n, flat.element_size())
+    if ex.dynamic:
         scales = np.empty(d, dtype=np.float64)
         outgoing_scales = np.asarray(ex.dst_weights, dtype=np.float64)
-        for k, src in enumerate(ex.sources):
-            requests.append(comm.Irecv(mpi_buffer(recv[k * n:(k + 1) * n]), source=src, tag=_TAG_DATA))
-            requests.append(comm.Irecv([scales[k:k + 1], MPI.DOUBLE], source=src, tag=_TAG_SCALE))
-        sendbuf = mpi_buffer(send)
-        for k, dst in enumerate(ex.destinations):
-            requests.append(comm.Isend([outgoing_scales[k:k + 1], MPI.DOUBLE], dest=dst, tag=_TAG_SCALE))
-            requests.append(comm.Isend(sendbuf, dest=dst, tag=_TAG_DATA))
+        requests += [rt.comm.Irecv([scales[k:k + 1], MPI.DOUBLE], source=src, tag=_TAG_SCALE)
+                     for k, src in enumerate(ex.sources)]
+        requests += [rt.comm.Isend([outgoing_scales[k:k + 1], MPI.DOUBLE], dest=dst, tag=_TAG_SCALE)
+                     for k, dst in enumerate(ex.destinations)]
+        requests += _post_chunks(rt.comm, send, recv, n, spans, ex)
+    elif len(spans) > 1:
+        requests += _post_chunks(rt.topology.dist_comm, send, recv, n, spans, ex)
+    elif ex.sources or ex.destinations:
+        recvbuf = mpi_buffer(recv if recv is not None else send[:0])
+        recvbuf[1] = n  # count per neighbour
+        requests.append(rt.topology.dist_comm.Ineighbor_allgather(mpi_buffer(send), recvbuf))
+    sent_copy = send.clone() if rt.debug_buffers and requests else None
 
     def finish() -> torch.Tensor:
+        if sent_copy is not None:
+            _check_unchanged(rt, send, sent_copy)
         weights = ex.src_weights if scales is None else [w * s for w, s in zip(ex.src_weights, scales, strict=True)]
         terms = [(ex.self_weight, flat)]
         if recv is not None:
@@ -239,7 +249,26 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
         return _deliver(result, out)
 
     return Handle(requests, finish, what="neighbor_allreduce", peers=sorted({*ex.sources, *ex.destinations}),
-                  nbytes=n * flat.element_size())
+                  nbytes=n * flat.element_size(), in_flight=rt.in_flight)
+
+
+def _post_chunks(comm: MPI.Comm, send: torch.Tensor, recv: torch.Tensor | None, n: int,
+                 spans: list[tuple[int, int]], ex: _Exchange) -> list[MPI.Request]:
+    """Point-to-point exchange of ``send`` (``n`` elements) chunk by chunk: every receive first,
+    then the sends; chunk c of source k lands at ``recv[k n + c-th span]``."""
+    requests = [comm.Irecv(mpi_buffer(recv[k * n + a:k * n + b]), source=src, tag=_TAG_DATA)
+                for k, src in enumerate(ex.sources) for a, b in spans]
+    pieces = [mpi_buffer(send[a:b]) for a, b in spans]
+    requests += [comm.Isend(piece, dest=dst, tag=_TAG_DATA) for dst in ex.destinations for piece in pieces]
+    return requests
+
+
+def _check_unchanged(rt: Runtime, send: torch.Tensor, sent_copy: torch.Tensor) -> None:
+    """Debug mode: the tensor handed to MPI must not change before the op completes."""
+    if not torch.equal(send.view(-1).view(torch.uint8), sent_copy.view(-1).view(torch.uint8)):
+        raise GossipError(f"rank {rt.rank}: the tensor sent by neighbor_allreduce was modified before the op "
+                          "completed (GOSSIP_DEBUG_BUFFERS): MPI may have sent a mix of old and new values; wait on "
+                          "the handle before writing the tensor")
 
 
 def _run_pipelined(rt: Runtime, flat: torch.Tensor, ex: _Exchange, result: torch.Tensor) -> None:

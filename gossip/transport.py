@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from gossip.mpi_settings import message_chunk_bytes
 from gossip.staging import StagingPipeline
 from gossip.tensors import BufferPool
 
@@ -72,10 +73,16 @@ def detect_cuda_aware() -> bool:
 class Transport:
     """Moves tensors between where torch keeps them and where MPI reads/writes them."""
 
-    def __init__(self, cuda_aware: bool, pool: BufferPool) -> None:
+    def __init__(self, cuda_aware: bool, pool: BufferPool, chunk_bytes: int | None = None) -> None:
         self.cuda_aware = cuda_aware
         self.pool = pool
         self.pipeline = StagingPipeline(pool)
+        self.chunk_bytes = message_chunk_bytes() if chunk_bytes is None else chunk_bytes
+
+    def chunk_spans(self, numel: int, element_size: int) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` element ranges of a message's chunks (:mod:`gossip.mpi_settings`)."""
+        per_chunk = max(1, self.chunk_bytes // element_size)
+        return [(a, min(numel, a + per_chunk)) for a in range(0, numel, per_chunk)] or [(0, 0)]
 
     def staged(self, t: torch.Tensor) -> bool:
         """True if ``t``'s bytes must go through host memory."""
