@@ -6,8 +6,19 @@ message size (float32, 4 KB to 100 MB by default) and in the same run:
 * ``neighbor_allreduce`` on the ring and the exponential-2 graph, against raw mpi4py
   ``Neighbor_allgather`` on a dist-graph communicator of the same graph;
 * one-peer exponential-2 ``neighbor_allreduce`` (a dynamic exchange, one peer per step),
-  against raw ``Sendrecv`` with the same peers;
-* ``allreduce`` (mean), against raw ``Allreduce`` (sum).
+  against raw ``Sendrecv`` with the same peers, over its whole period and at each distance 2^k
+  alone (send to rank + 2^k, receive from rank − 2^k: at distance n/2 two ranks exchange with
+  each other, the case a TCP transport can serialise);
+* ``hierarchical_neighbor_allreduce`` (machine average, one-peer exponential-2 between machines,
+  machine broadcast), against the same three raw calls (``Allreduce`` on the machine,
+  ``Sendrecv`` between leaders, ``Bcast`` on the machine); with one machine it is skipped;
+* ``allreduce`` (mean), against raw ``Allreduce`` and raw ``Iallreduce`` (sum): the faster of
+  the two is the ratio's baseline, and both are listed (over TCP the blocking one can be far
+  slower).
+
+On an emulated cluster (``gossiprun --emulate MxR --link RATE``) each row also gives the share of
+the link rate used: the bytes that leave the busiest machine per op (ranks in blocks of R per
+machine; the allreduce counted as a ring's 2(n−1)/n per machine) over the time and the rate.
 
 With ``--device cuda`` every op also runs on a CUDA tensor of the same bytes (variant ``cuda``:
 staged through pinned host memory in chunks, or handed to a CUDA-aware MPI), timed to the end of
@@ -102,6 +113,64 @@ def ours_one_peer(dynamic: topologies.OnePeerExponentialTwo, x: torch.Tensor, ou
     return op
 
 
+def raw_fixed_peer(comm: MPI.Comm, distance: int, x: np.ndarray) -> Callable[[int], object]:
+    recv = np.empty_like(x)
+    dst, src = (comm.rank + distance) % comm.size, (comm.rank - distance) % comm.size
+    return lambda step: comm.Sendrecv(x, dest=dst, recvbuf=recv, source=src)
+
+
+def ours_fixed_peer(distance: int, x: torch.Tensor, out: torch.Tensor) -> Callable[[int], object]:
+    n, rank = gossip.size(), gossip.rank()
+    src, dst = {(rank - distance) % n: 0.5}, {(rank + distance) % n: 1.0}
+    return lambda step: gossip.neighbor_allreduce(x, self_weight=0.5, src_weights=src, dst_weights=dst, out=out)
+
+
+def raw_hierarchical(x: np.ndarray) -> Callable[[int], object]:
+    """The raw MPI calls hierarchical averaging makes: machine Allreduce, leaders' one-peer Sendrecv, machine Bcast."""
+    rt = gossip.context.current()
+    local, leaders = rt.local_comm, rt.leaders_comm
+    family = topologies.OnePeerExponentialTwo(rt.machine_size)
+    mean, recv = np.empty_like(x), np.empty_like(x)
+
+    def op(step: int) -> None:
+        local.Allreduce(x, mean)
+        if leaders != MPI.COMM_NULL:
+            p = family.peers(step, rt.machine_rank)
+            if p.dst_weights:
+                (dst,), (src,) = p.dst_weights, p.src_weights
+                leaders.Sendrecv(mean, dest=dst, recvbuf=recv, source=src)
+        local.Bcast(mean, root=0)
+
+    return op
+
+
+def raw_iallreduce(comm: MPI.Comm, x: np.ndarray, into: np.ndarray) -> Callable[[int], object]:
+    return lambda step: comm.Iallreduce(x, into).Wait()
+
+
+def machine_bytes(label: str, nbytes: int, n: int, per_machine: int) -> float | None:
+    """Bytes leaving the busiest machine in one op of ``label`` (ranks in blocks of ``per_machine``)."""
+    def leaving(distances: list[int]) -> int:
+        return max(sum(nbytes for r in range(m * per_machine, (m + 1) * per_machine) for d in distances
+                       if ((r + d) % n) // per_machine != m) for m in range(n // per_machine))
+    if n // per_machine < 2:
+        return None
+    if label.startswith("one-peer distance "):
+        return leaving([int(label.split()[-1])])
+    if label == "one-peer exp2":
+        period = max(1, (n - 1).bit_length())
+        return sum(leaving([1 << k]) for k in range(period)) / period
+    if label == "neighbor_allreduce exp2":
+        return leaving([1 << k for k in range((n - 1).bit_length())])
+    if label == "neighbor_allreduce ring":
+        return leaving([1, n - 1])
+    if label == "hierarchical":
+        return nbytes
+    if label == "allreduce":
+        return 2 * (n - 1) / n * nbytes
+    return None
+
+
 def synced(op: Callable[[int], object]) -> Callable[[int], object]:
     """``op`` followed by a device synchronisation, so that its time includes the GPU's work."""
     def run(step: int) -> object:
@@ -144,16 +213,25 @@ def measure_size(comm: MPI.Comm, nbytes: int, args: argparse.Namespace) -> list[
             variants["inplace"] = ours_static(in_place)
         cases.append((f"neighbor_allreduce {name}", raw, variants, (graph, dist)))
     dynamic = topologies.OnePeerExponentialTwo(n)
+    dynamic_machines = topologies.OnePeerExponentialTwo(gossip.machine_size())
     variants = {"staged" if shared else "check": ours_one_peer(dynamic, plain, out),
                 "nocheck": nocheck(ours_one_peer(dynamic, plain, out))}
     if shared:
         variants["inplace"] = ours_one_peer(dynamic, in_place, out)
     cases.append(("one-peer exp2", raw_one_peer(comm, dynamic, raw_x), variants, None))
+    if args.distances:
+        for k in range(max(0, (n - 1).bit_length())):
+            cases.append((f"one-peer distance {1 << k}", raw_fixed_peer(comm, 1 << k, raw_x),
+                          {"check": ours_fixed_peer(1 << k, plain, out)}, None))
+    if gossip.machine_size() > 1:
+        cases.append(("hierarchical", raw_hierarchical(raw_x),
+                      {"check": lambda step: gossip.hierarchical_neighbor_allreduce(
+                          plain, dynamic_machines, step, out=out)}, None))
     raw_sum = np.empty_like(raw_x)
     cases.append(("allreduce", lambda step: comm.Allreduce(raw_x, raw_sum),
                   {"check": lambda step: gossip.allreduce(plain, out=out),
                    "nocheck": nocheck(lambda step: gossip.allreduce(plain, out=out))},
-                  None))
+                  raw_iallreduce(comm, raw_x, raw_sum)))
     if args.device == "cuda":  # the same ops on a CUDA tensor of the same bytes: staged or CUDA-aware
         gpu = torch.device("cuda", gossip.local_rank() % torch.cuda.device_count())
         on_gpu, out_gpu = plain.to(gpu), torch.empty_like(plain, device=gpu)
@@ -163,21 +241,35 @@ def measure_size(comm: MPI.Comm, nbytes: int, args: argparse.Namespace) -> list[
         for (_, _, case_variants, _), op in zip(cases, gpu_ops, strict=True):
             case_variants["cuda"] = op
 
+    link_bits = float(os.environ.get("GOSSIP_EMULATED_LINK_BITS", "0"))
+    per_machine = gossip.layout().ranks_per_machine
     for label, raw, variants, extra in cases:
-        if extra is not None:
+        graph_case = isinstance(extra, tuple)
+        if graph_case:
             gossip.set_topology(extra[0])
-        times: dict[str, list[float]] = {"raw": [], **{v: [] for v in variants}}
+        raw_ops = {"raw": raw} if graph_case or extra is None else {"raw": raw, "raw_nonblocking": extra}
+        times: dict[str, list[float]] = {**{r: [] for r in raw_ops}, **{v: [] for v in variants}}
         for _ in range(args.rounds):
-            times["raw"].append(time_per_op(comm, raw, iterations, args.warmup))
+            for name, op in raw_ops.items():
+                times[name].append(time_per_op(comm, op, iterations, args.warmup))
             for variant, op in variants.items():
                 times[variant].append(time_per_op(comm, op, iterations, args.warmup))
-        raw_time = statistics.median(times["raw"])
+        raw_times = {name: statistics.median(times[name]) for name in raw_ops}
+        raw_time = min(raw_times.values())
+        leaving = machine_bytes(label, numel * 4, n, per_machine)
         for variant in variants:
             ours = statistics.median(times[variant])
-            rows.append({"op": label, "variant": variant, "bytes": numel * 4, "iterations": iterations,
-                         "ours_us": ours * 1e6, "raw_us": raw_time * 1e6, "ratio": ours / raw_time,
-                         "extra_us": (ours - raw_time) * 1e6})
-        if extra is not None:
+            row = {"op": label, "variant": variant, "bytes": numel * 4, "iterations": iterations,
+                   "ours_us": ours * 1e6, "raw_us": raw_time * 1e6, "ratio": ours / raw_time,
+                   "extra_us": (ours - raw_time) * 1e6}
+            if len(raw_times) > 1:
+                row["raw_blocking_us"] = raw_times["raw"] * 1e6
+                row["raw_nonblocking_us"] = raw_times["raw_nonblocking"] * 1e6
+            if link_bits and leaving is not None:
+                row["link_share"] = leaving * 8 / ours / link_bits
+                row["raw_link_share"] = leaving * 8 / raw_time / link_bits
+            rows.append(row)
+        if graph_case:
             extra[1].Free()
     return rows
 
@@ -199,6 +291,8 @@ def main() -> None:
                         help="cuda: add a 'cuda' variant of every op on a CUDA tensor of the same bytes "
                              "(staged through pinned memory, or direct with a CUDA-aware MPI), next to the "
                              "host-memory variants and the raw MPI call on host memory")
+    parser.add_argument("--distances", action="store_true",
+                        help="also time one-peer exchanges at each distance 2^k alone")
     parser.add_argument("--json", default=None, help="output JSON path (default results/primitives-np<N>.json)")
     args = parser.parse_args()
 
@@ -214,18 +308,29 @@ def main() -> None:
     if comm.rank == 0:
         print(f"# gossip primitives: {comm.size} ranks, {gossip.machine_size()} machine(s), "
               f"shared-memory path: {gossip.uses_shared_memory()}, MPI: {MPI.Get_library_version().splitlines()[0]}")
-        print(f"{'size':>9} {'op':<27} {'variant':<8} {'ours us':>11} {'raw us':>11} {'ratio':>6} {'extra us':>9}")
+        link = os.environ.get("GOSSIP_EMULATED_LINK_BITS")
+        if link:
+            print(f"# emulated links: {float(link) / 1e6:g} Mbit/s each way; 'link' = bytes leaving the busiest "
+                  "machine per op / (time x rate), ours (raw)")
+        print(f"{'size':>9} {'op':<27} {'variant':<8} {'ours us':>11} {'raw us':>11} {'ratio':>6} {'extra us':>9}"
+              + (f" {'link':>13}" if link else ""))
     for nbytes in sizes:
         size_rows = measure_size(comm, nbytes, args)
         rows += size_rows
         if comm.rank == 0:
             for row in size_rows:
+                share = (f" {row['link_share']:>6.0%} ({row['raw_link_share']:.0%})" if "link_share" in row
+                         else "")
+                blocking = (f"  [raw Allreduce {row['raw_blocking_us']:.0f}, "
+                            f"Iallreduce {row['raw_nonblocking_us']:.0f}]" if "raw_blocking_us" in row else "")
                 print(f"{format_bytes(row['bytes']):>9} {row['op']:<27} {row['variant']:<8} {row['ours_us']:>11.1f} "
-                      f"{row['raw_us']:>11.1f} {row['ratio']:>6.2f} {row['extra_us']:>9.1f}", flush=True)
+                      f"{row['raw_us']:>11.1f} {row['ratio']:>6.2f} {row['extra_us']:>9.1f}{share}{blocking}",
+                      flush=True)
     if comm.rank == 0:
         path = Path(args.json or f"results/primitives-np{comm.size}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"ranks": comm.size, "machines": gossip.machine_size(), "shared_memory": gossip.uses_shared_memory(),
+                "link_bits": float(os.environ.get("GOSSIP_EMULATED_LINK_BITS", "0")) or None,
                 "device": args.device, "cuda_aware": gossip.cuda_aware(),
                 "mpi": MPI.Get_library_version().splitlines()[0], "torch": torch.__version__,
                 "host": platform.node(), "cpus": os.cpu_count()}

@@ -4,13 +4,19 @@
 model of adjustable size (``--width`` sweeps the communication/computation ratio), and in the same
 run, one after the other on the same ranks:
 
-* gossip: ``--algorithm`` (default ``dmsgd``) on each ``--topology`` (default one-peer
-  exponential-2 and static exponential-2); or a periodic-averaging method (``local-sgd``,
-  ``mavg``, ``bmuf``/``slowmo`` over ``--base``) with ``--period``;
+* gossip: each of ``--algorithm`` (comma-separated, default ``dmsgd``) on each ``--topology``
+  (default one-peer exponential-2 and static exponential-2; also ``hierarchical``, machine
+  average plus one-peer exponential-2 between machines, and ``auto``, the scheduler's pick from
+  the probed links, this model's bytes and its measured compute time); or a periodic-averaging
+  method (``local-sgd``, ``mavg``, ``bmuf``/``slowmo`` over ``--base``) with ``--period``;
 * PmSGD: allreduce of the fused gradient over ``gossip.allreduce`` (the Horovod way);
 * PyTorch ``DistributedDataParallel`` on the gloo backend (NCCL with ``--device cuda``), its
   process group initialised from the MPI ranks (rank 0's address and a free port are broadcast
-  over MPI).
+  over MPI; the address is ``MASTER_ADDR`` if set, else the host name's address if it resolves to
+  a non-loopback one, else the first non-loopback IPv4 address of rank 0's interfaces).
+
+Run it on an emulated cluster to see a network: ``gossiprun --emulate 4x1 --link 250mbit python
+benchmarks/throughput.py ...`` (:mod:`gossip.emulate`).
 
 ``--device cuda`` puts each rank's model and data on GPU ``local rank mod GPUs`` and synchronises
 the device before reading the clock.
@@ -23,8 +29,12 @@ each method's ratio to each baseline. Writes ``results/throughput-<model>-np<N>.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import ipaddress
 import json
+import os
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -64,6 +74,42 @@ def make_model(name: str, width: int, classes: int = 10) -> tuple[torch.nn.Modul
     raise ValueError(f"unknown model {name!r}")
 
 
+def interface_addresses() -> list[str]:
+    """This host's IPv4 addresses, loopback excluded, in interface order (Linux ``SIOCGIFADDR``)."""
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue  # no IPv4 address on this interface
+            address = socket.inet_ntoa(packed[20:24])
+            if not ipaddress.ip_address(address).is_loopback:
+                found.append(address)
+    return found
+
+
+def rendezvous_address(single_machine: bool) -> str:
+    """An address of this host the other ranks can reach: ``MASTER_ADDR``; the host name's address
+    if it resolves and is not loopback (or all ranks share this machine); else an interface's."""
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    try:
+        resolved = socket.gethostbyname(socket.gethostname())
+        if single_machine or not ipaddress.ip_address(resolved).is_loopback:
+            return resolved
+    except OSError:
+        resolved = None
+    candidates = interface_addresses()
+    if candidates:
+        return candidates[0]
+    if single_machine:
+        return "127.0.0.1"
+    raise SystemExit(f"throughput.py: no address for the DDP rendezvous: host name {socket.gethostname()!r} "
+                     f"resolves to {resolved!r} and no interface has a non-loopback IPv4 address; set MASTER_ADDR "
+                     "(and GLOO_SOCKET_IFNAME for gloo's traffic)")
+
+
 def init_process_group(backend: str) -> None:
     """torch.distributed on ``backend`` (gloo, nccl), rendezvous address from rank 0 over MPI (no
     launcher variables)."""
@@ -75,7 +121,7 @@ def init_process_group(backend: str) -> None:
     if gossip.rank() == 0:
         with socket.socket() as s:
             s.bind(("", 0))
-            address = f"tcp://{socket.gethostbyname(socket.gethostname())}:{s.getsockname()[1]}"
+            address = f"tcp://{rendezvous_address(gossip.machine_size() == 1)}:{s.getsockname()[1]}"
     from mpi4py import MPI
 
     address = MPI.COMM_WORLD.bcast(address, root=0)
@@ -86,7 +132,7 @@ def measure(label: str, args, build) -> dict:
     """Run warm-up and timed iterations of one method; return per-iteration samples/s per rank."""
     torch.manual_seed(0)
     model, shape = make_model(args.model, args.width)
-    model, step = build(model.to(args.device))
+    model, step, opt = build(model.to(args.device))
     x = torch.randn(args.batch_size, *shape).to(args.device)
     y = torch.randint(0, 10, (args.batch_size,)).to(args.device)
     sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
@@ -105,6 +151,8 @@ def measure(label: str, args, build) -> dict:
             batch()
         sync()
         rates.append(args.batch_size * args.num_batches_per_iter / (time.perf_counter() - began))
+    if hasattr(opt, "synchronize"):
+        opt.synchronize()  # an overlapped method's last gossip is still in flight
     rates = gossip.allreduce(torch.tensor(rates, dtype=torch.float64), "mean").numpy()
     parameters = sum(p.numel() for p in model.parameters())
     result = {"method": label, "per_rank_mean": float(rates.mean()), "per_rank_ci": float(1.96 * rates.std()),
@@ -115,12 +163,38 @@ def measure(label: str, args, build) -> dict:
     return result
 
 
-def optimizer_step(opt):
+def with_optimizer(model: torch.nn.Module, opt) -> tuple:
+    """(model, one training step on a loss, the optimizer)."""
     def step(loss: torch.Tensor) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return step
+    return model, step, opt
+
+
+def topology_for(name: str, args):
+    """A ``--topology`` name as optimizers take it; ``auto`` asks the scheduler (collective: it
+    times this model's forward and backward and probes the links) and prints its reasoning."""
+    if name == "hierarchical":
+        return name
+    if name != "auto":
+        return topologies.by_name(name, gossip.size())
+    torch.manual_seed(0)
+    model, shape = make_model(args.model, args.width)
+    model = model.to(args.device)
+    x = torch.randn(args.batch_size, *shape).to(args.device)
+    y = torch.randint(0, 10, (args.batch_size,)).to(args.device)
+    times = []
+    for _ in range(5):
+        began = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        times.append(time.perf_counter() - began)
+    compute = gossip.allreduce(torch.tensor([sorted(times)[2]], dtype=torch.float64), "mean").item()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    scheduler = gossip.Scheduler.auto(nbytes, compute_seconds=compute)
+    if gossip.rank() == 0:
+        print(scheduler.describe(), flush=True)
+    return scheduler
 
 
 def main() -> int:
@@ -131,8 +205,9 @@ def main() -> int:
     parser.add_argument("--num-warmup-batches", type=int, default=5)
     parser.add_argument("--num-batches-per-iter", type=int, default=5)
     parser.add_argument("--num-iters", type=int, default=10)
-    parser.add_argument("--algorithm", default="dmsgd")
-    parser.add_argument("--topology", default="one-peer-exp2,exp2", help="comma-separated topology names")
+    parser.add_argument("--algorithm", default="dmsgd", help="comma-separated registry names")
+    parser.add_argument("--topology", default="one-peer-exp2,exp2",
+                        help="comma-separated topology names, 'hierarchical' or 'auto'")
     parser.add_argument("--period", type=int, help="local-sgd, mavg, bmuf, slowmo: steps between exact averages")
     parser.add_argument("--base", default="local-sgd", help="slowmo, bmuf: the base algorithm")
     parser.add_argument("--no-ddp", action="store_true", help="skip the DistributedDataParallel baseline")
@@ -150,25 +225,30 @@ def main() -> int:
     else:
         args.device = torch.device("cpu")
     n = gossip.size()
-    if args.algorithm.startswith("cr-psgd"):
+    names = args.algorithm.split(",")
+    if any(name.startswith("cr-psgd") for name in names):
         raise SystemExit("throughput.py: cr-psgd changes its batch size every step; one step at a given batch costs "
                          "what pmsgd's does. Its gain is fewer rounds: see benchmarks/dynamic_batch.py")
-    hyper = {"lr": 0.01}
-    if args.algorithm in ("slowmo", "bmuf"):
-        hyper["base"] = args.base
-    if args.period is not None:
-        hyper["period"] = args.period
-    runs = args.algorithm if args.algorithm not in ("slowmo", "bmuf") else args.base
-    gossip_free = runs in ("local-sgd", "mavg", "pmsgd")
-    label = args.algorithm + (f" over {args.base}" if "base" in hyper else "") + (
-        f", period {args.period}" if args.period else "")
     results = []
-    for name in [None] if gossip_free else args.topology.split(","):
-        comm = {} if name is None else {"topology": topologies.by_name(name, n)}
-        results.append(measure(label + ("" if name is None else f" on {name}"), args, lambda m, c=comm: (
-            m, optimizer_step(algorithms.create(args.algorithm, m.parameters(), **hyper, **c)))))
-    results.append(measure("PmSGD (gossip.allreduce)", args, lambda m: (
-        m, optimizer_step(algorithms.create("pmsgd", m.parameters(), lr=0.01)))))
+    schedules = {}
+    for algorithm in names:
+        hyper = {"lr": 0.01}
+        if algorithm in ("slowmo", "bmuf"):
+            hyper["base"] = args.base
+        if args.period is not None:
+            hyper["period"] = args.period
+        runs = algorithm if algorithm not in ("slowmo", "bmuf") else args.base
+        gossip_free = runs in ("local-sgd", "mavg", "pmsgd")
+        label = algorithm + (f" over {args.base}" if "base" in hyper else "") + (
+            f", period {args.period}" if args.period else "")
+        for name in [None] if gossip_free else args.topology.split(","):
+            if name is not None and name not in schedules:
+                schedules[name] = topology_for(name, args)
+            comm = {} if name is None else {"topology": schedules[name]}
+            results.append(measure(label + ("" if name is None else f" on {name}"), args, lambda m, a=algorithm,
+                                   h=hyper, c=comm: with_optimizer(m, algorithms.create(a, m.parameters(), **h, **c))))
+    results.append(measure("PmSGD (gossip.allreduce)", args, lambda m: with_optimizer(
+        m, algorithms.create("pmsgd", m.parameters(), lr=0.01))))
     if not args.no_ddp:
         backend = "nccl" if args.device.type == "cuda" else "gloo"
         init_process_group(backend)
@@ -176,7 +256,7 @@ def main() -> int:
 
         def ddp(m):
             wrapped = DistributedDataParallel(m, device_ids=[args.device] if args.device.type == "cuda" else None)
-            return wrapped, optimizer_step(torch.optim.SGD(wrapped.parameters(), lr=0.01, momentum=0.9))
+            return with_optimizer(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.01, momentum=0.9))
 
         results.append(measure(f"DDP ({backend})", args, ddp))
     if gossip.rank() == 0:

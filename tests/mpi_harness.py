@@ -15,6 +15,9 @@ import pytest
 
 from gossip.launch import launch_env, mpirun_command
 
+#: How the emulated-cluster tests start: ``(machines x ranks, link rate)``.
+Emulated = tuple[str, str]
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 RUNNER = TESTS / "mpi_runner.py"
@@ -27,16 +30,34 @@ def test_names(script: Path) -> list[str]:
     return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
 
 
+def emulation_unavailable() -> str | None:
+    """Why an emulated cluster cannot be made here (None if it can)."""
+    from gossip import emulate
+
+    try:
+        emulate.preflight()
+    except emulate.EmulationError as err:
+        return str(err)
+    return None
+
+
 def start_job(np: int, command: list[str], env: dict[str, str] | None = None,
-              tag_output: bool = False) -> subprocess.Popen:
-    """Start ``command`` on ``np`` ranks under mpirun, with this checkout importable, in its own
-    process group (end it with ``os.killpg``); stdout and stderr together, as text."""
+              tag_output: bool = False, emulated: Emulated | None = None) -> subprocess.Popen:
+    """Start ``command`` on ``np`` ranks under mpirun (on an emulated cluster with ``emulated``),
+    with this checkout importable, in its own process group (end it with ``os.killpg``; the
+    emulated cluster's reaper then removes it); stdout and stderr together, as text."""
     job_env = launch_env()
     job_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), job_env.get("PYTHONPATH")]))
     job_env.setdefault("OMP_NUM_THREADS", "1")
     job_env.update(env or {})
-    return subprocess.Popen(mpirun_command(np, command, tag_output=tag_output), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=job_env, start_new_session=True)
+    if emulated is None:
+        cmd = mpirun_command(np, command, tag_output=tag_output)
+    else:
+        shape, rate = emulated
+        cmd = [sys.executable, "-m", "gossip.launch", "-np", str(np), "--emulate", shape, "--link", rate,
+               *(["--tag-output"] if tag_output else []), *command]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env,
+                            start_new_session=True)
 
 
 def run_job(np: int, command: list[str], timeout: float, env: dict[str, str] | None = None,
@@ -53,12 +74,15 @@ def run_job(np: int, command: list[str], timeout: float, env: dict[str, str] | N
     return subprocess.CompletedProcess(command, proc.returncode, output)
 
 
-def run_mpi(script: Path, np: int, timeout: float = 240.0, env: dict[str, str] | None = None) -> None:
-    """Run ``script``'s tests on ``np`` ranks; fail the calling pytest test with every rank's
-    failures, a missing rank or test, a non-zero exit, or a timeout (the job is then killed)."""
+def run_mpi(script: Path, np: int, timeout: float = 240.0, env: dict[str, str] | None = None,
+            emulated: Emulated | None = None) -> None:
+    """Run ``script``'s tests on ``np`` ranks (on an emulated cluster with ``emulated``); fail the
+    calling pytest test with every rank's failures, a missing rank or test, a non-zero exit, or a
+    timeout (the job is then killed)."""
     expected = test_names(script)
     with tempfile.TemporaryDirectory(prefix="gossip-mpi-") as outdir:
-        proc = start_job(np, [sys.executable, str(RUNNER), str(script), outdir], env, tag_output=True)
+        proc = start_job(np, [sys.executable, str(RUNNER), str(script), outdir], env, tag_output=True,
+                         emulated=emulated)
         timed_out = False
         try:
             output, _ = proc.communicate(timeout=timeout)

@@ -5,6 +5,8 @@ are gathered and fed to an independent NumPy implementation of the equation (wit
 mixing matrix W(k) from the topology); the gathered parameters must follow it to float32 round-off.
 """
 
+import os
+
 import numpy as np
 import torch
 from _common import WORLD, device
@@ -17,11 +19,13 @@ N = WORLD.size
 R = WORLD.rank
 STEPS = 7
 TOL = 2e-5
+# Hidden width of the test network: GOSSIP_TEST_HIDDEN=40000 makes every message 1.6 MB (several chunks).
+HIDDEN = int(os.environ.get("GOSSIP_TEST_HIDDEN", "5"))
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(100 * seed + R)  # different on every rank: the optimizer must broadcast rank 0's
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(device())
+    return torch.nn.Sequential(torch.nn.Linear(6, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 3)).to(device())
 
 
 def local_batch(step: int):
