@@ -53,6 +53,7 @@ import gossip
 import topologies
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,100M"
+MPI_LIBRARY = MPI.Get_library_version().split("\x00")[0].splitlines()[0]  # Open MPI ends it with a NUL
 
 
 def parse_size(text: str) -> int:
@@ -307,7 +308,7 @@ def main() -> None:
     rows: list[dict] = []
     if comm.rank == 0:
         print(f"# gossip primitives: {comm.size} ranks, {gossip.machine_size()} machine(s), "
-              f"shared-memory path: {gossip.uses_shared_memory()}, MPI: {MPI.Get_library_version().splitlines()[0]}")
+              f"shared-memory path: {gossip.uses_shared_memory()}, MPI: {MPI_LIBRARY}")
         link = os.environ.get("GOSSIP_EMULATED_LINK_BITS")
         if link:
             print(f"# emulated links: {float(link) / 1e6:g} Mbit/s each way; 'link' = bytes leaving the busiest "
@@ -332,7 +333,7 @@ def main() -> None:
         meta = {"ranks": comm.size, "machines": gossip.machine_size(), "shared_memory": gossip.uses_shared_memory(),
                 "link_bits": float(os.environ.get("GOSSIP_EMULATED_LINK_BITS", "0")) or None,
                 "device": args.device, "cuda_aware": gossip.cuda_aware(),
-                "mpi": MPI.Get_library_version().splitlines()[0], "torch": torch.__version__,
+                "mpi": MPI_LIBRARY, "torch": torch.__version__,
                 "host": platform.node(), "cpus": os.cpu_count()}
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"# wrote {path}")

@@ -142,17 +142,19 @@ def measure(label: str, args, build) -> dict:
 
     for _ in range(args.num_warmup_batches):
         batch()
+    sync()
+    gossip.barrier()  # once: a barrier between iterations would hide an overlapped method's gossip in flight
     rates = []
-    for _ in range(args.num_iters):
-        sync()
-        gossip.barrier()
-        began = time.perf_counter()
+    began = time.perf_counter()
+    for k in range(args.num_iters):
         for _ in range(args.num_batches_per_iter):
             batch()
+        if k == args.num_iters - 1 and hasattr(opt, "synchronize"):
+            opt.synchronize()  # the last step's gossip, still in flight, counts too
         sync()
-        rates.append(args.batch_size * args.num_batches_per_iter / (time.perf_counter() - began))
-    if hasattr(opt, "synchronize"):
-        opt.synchronize()  # an overlapped method's last gossip is still in flight
+        now = time.perf_counter()
+        rates.append(args.batch_size * args.num_batches_per_iter / (now - began))
+        began = now
     rates = gossip.allreduce(torch.tensor(rates, dtype=torch.float64), "mean").numpy()
     parameters = sum(p.numel() for p in model.parameters())
     result = {"method": label, "per_rank_mean": float(rates.mean()), "per_rank_ci": float(1.96 * rates.std()),

@@ -20,6 +20,7 @@ from gossip import timeline, waiting
 from gossip.errors import GossipError
 from gossip.graph_comm import StaticTopology, build_static_topology
 from gossip.handles import InFlight
+from gossip.progress import ProgressThread
 from gossip.shared_memory import NodeMemory
 from gossip.tensors import BufferPool
 from gossip.transport import Transport, detect_cuda_aware
@@ -32,6 +33,7 @@ _ENV_SHARED_MEMORY = "GOSSIP_SHARED_MEMORY"
 _ENV_OP_TIMEOUT = "GOSSIP_OP_TIMEOUT"
 _ENV_TIMELINE = "GOSSIP_TIMELINE"
 _ENV_DEBUG_BUFFERS = "GOSSIP_DEBUG_BUFFERS"
+_ENV_PROGRESS_THREAD = "GOSSIP_PROGRESS_THREAD"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Runtime:
     pool: BufferPool = field(default_factory=BufferPool)
     in_flight: InFlight = field(default_factory=InFlight)
     debug_buffers: bool = False  # poison released buffers, check sent tensors are untouched until complete
+    progress: ProgressThread | None = None  # drives MPI progress while ops are in flight (GOSSIP_PROGRESS_THREAD=1)
 
     @property
     def rank(self) -> int:
@@ -181,6 +184,8 @@ def init(comm: MPI.Comm | None = None, *, check: bool | None = None) -> None:
         in_flight=InFlight(warn=debug_buffers),
         debug_buffers=debug_buffers,
     )
+    if _env_flag(_ENV_PROGRESS_THREAD, False):
+        _runtime.progress = ProgressThread(comm, _runtime.in_flight)
     if _env_flag(_ENV_ABORT, True):
         _abort_on_uncaught(comm)
     if os.environ.get(_ENV_OP_TIMEOUT):
@@ -197,6 +202,8 @@ def shutdown() -> None:
     from gossip import window
 
     _runtime.in_flight.complete_all()  # MPI may still use their buffers, and they use our communicators
+    if _runtime.progress is not None:
+        _runtime.progress.stop()
     for open_window in list(window._open.values()):  # windows live on the runtime's communicator
         open_window.free()
     rt, _runtime = _runtime, None

@@ -45,11 +45,19 @@ class InFlight:
         self._orphans: list[_Operation] = []
         self.warn = warn  # say so on stderr when a handle is dropped unfinished (debug mode)
         self.adopted = 0  # how many operations were ever adopted
+        self.active = 0  # operations started and not yet completed (read by the progress thread)
+        self.on_start = None  # a threading.Event set when an operation starts (the progress thread's)
 
     def track(self, handle: Handle) -> weakref.finalize:
         self._live.add(handle)
         self.reap()
+        self.active += 1
+        if self.on_start is not None:
+            self.on_start.set()
         return weakref.finalize(handle, self._adopt, handle._operation)
+
+    def completed(self) -> None:
+        self.active -= 1
 
     def _adopt(self, operation: _Operation) -> None:
         self._orphans.append(operation)
@@ -61,7 +69,9 @@ class InFlight:
     def reap(self) -> None:
         """Drop the adopted operations that MPI has completed (progressing the others)."""
         if self._orphans:
-            self._orphans = [op for op in self._orphans if not op.done()]
+            remaining = [op for op in self._orphans if not op.done()]
+            self.active -= len(self._orphans) - len(remaining)
+            self._orphans = remaining
 
     def pending(self) -> int:
         """Operations started and not completed: live handles not yet waited on, plus adopted ones."""
@@ -77,6 +87,7 @@ class InFlight:
         orphans, self._orphans = self._orphans, []
         for op in orphans:
             waiting.wait(op.requests, f"{op.what} (dropped before completion)")
+            self.active -= 1
 
 
 class Handle:
@@ -96,6 +107,7 @@ class Handle:
         self.what, self.peers, self.nbytes = what, peers, nbytes
         self._launched = time.perf_counter() if timeline.active() else None
         self._finalizer = None
+        self._in_flight = in_flight
         if requests:
             if in_flight is None:
                 raise GossipError(f"{what}: a handle with MPI requests needs the runtime's in-flight record")
@@ -113,6 +125,7 @@ class Handle:
             self._operation = None
             if self._finalizer is not None:
                 self._finalizer.detach()
+                self._in_flight.completed()
             self._result = operation.finish()
             if self._launched is not None:
                 timeline.record(self.what, "communication", self._launched, time.perf_counter(),

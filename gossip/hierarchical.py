@@ -114,8 +114,8 @@ def _gossip_between_machines(rt, mean: torch.Tensor, peers: StepPeers) -> None:
     scaled = {dst: torch.mul(mean, scale, out=pool.acquire(numel, mean.dtype, mean.device, pinned=pinned))
               for dst, scale in destinations.items() if scale != 1.0}
     _ready(mean)
-    requests = [leaders.Irecv(mpi_buffer(received[src]), source=src, tag=TAG) for src in sources]
-    requests += [leaders.Isend(mpi_buffer(scaled.get(dst, mean)), dest=dst, tag=TAG) for dst in destinations]
+    requests = rt.transport.exchange(leaders, list(received.items()),
+                                     [(dst, scaled.get(dst, mean)) for dst in destinations], TAG)
     waiting.wait(requests, "hierarchical_neighbor_allreduce: gossip between machines",
                  peers=sorted(set(sources) | set(destinations)), nbytes=numel * mean.element_size())
     weighted_sum([(self_weight, mean), *((weight, received[src]) for src, weight in sources.items())], mean)

@@ -222,9 +222,9 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
                      for k, src in enumerate(ex.sources)]
         requests += [rt.comm.Isend([outgoing_scales[k:k + 1], MPI.DOUBLE], dest=dst, tag=_TAG_SCALE)
                      for k, dst in enumerate(ex.destinations)]
-        requests += _post_chunks(rt.comm, send, recv, n, spans, ex)
+        requests += _post_chunks(rt, rt.comm, send, recv, n, ex.sources, ex.destinations)
     elif len(spans) > 1:
-        requests += _post_chunks(rt.topology.dist_comm, send, recv, n, spans, ex)
+        requests += _post_chunks(rt, rt.topology.dist_comm, send, recv, n, ex.sources, ex.destinations)
     elif ex.sources or ex.destinations:
         recvbuf = mpi_buffer(recv if recv is not None else send[:0])
         recvbuf[1] = n  # count per neighbour
@@ -252,15 +252,12 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
                   nbytes=n * flat.element_size(), in_flight=rt.in_flight)
 
 
-def _post_chunks(comm: MPI.Comm, send: torch.Tensor, recv: torch.Tensor | None, n: int,
-                 spans: list[tuple[int, int]], ex: _Exchange) -> list[MPI.Request]:
-    """Point-to-point exchange of ``send`` (``n`` elements) chunk by chunk: every receive first,
-    then the sends; chunk c of source k lands at ``recv[k n + c-th span]``."""
-    requests = [comm.Irecv(mpi_buffer(recv[k * n + a:k * n + b]), source=src, tag=_TAG_DATA)
-                for k, src in enumerate(ex.sources) for a, b in spans]
-    pieces = [mpi_buffer(send[a:b]) for a, b in spans]
-    requests += [comm.Isend(piece, dest=dst, tag=_TAG_DATA) for dst in ex.destinations for piece in pieces]
-    return requests
+def _post_chunks(rt: Runtime, comm: MPI.Comm, send: torch.Tensor, recv: torch.Tensor | None, n: int,
+                 sources: list[int], destinations: list[int]) -> list[MPI.Request]:
+    """The point-to-point exchange of ``send`` (``n`` elements) in chunks; ``sources[k]``'s values
+    land at ``recv[k n:(k + 1) n]``."""
+    receives = [(src, recv[k * n:(k + 1) * n]) for k, src in enumerate(sources)]
+    return rt.transport.exchange(comm, receives, [(dst, send) for dst in destinations], _TAG_DATA)
 
 
 def _check_unchanged(rt: Runtime, send: torch.Tensor, sent_copy: torch.Tensor) -> None:
@@ -391,10 +388,14 @@ def neighbor_allgather(tensor: torch.Tensor) -> torch.Tensor:
     transport = rt.transport
     send = transport.outgoing(x)
     recv = transport.incoming(d * n, x.dtype, x.device) if transport.staged(x) else result.view(-1)
-    recvbuf = mpi_buffer(recv if d else send[:0])
-    recvbuf[1] = n
-    waiting.wait([topo.dist_comm.Ineighbor_allgather(mpi_buffer(send), recvbuf)], "neighbor_allgather",
-                 sorted({*topo.sources, *topo.destinations}))
+    spans = transport.chunk_spans(n, x.element_size())
+    if len(spans) > 1:  # as neighbor_allreduce: chunks stream both ways where one rendezvous would not
+        requests = _post_chunks(current(), topo.dist_comm, send, recv, n, topo.sources, topo.destinations)
+    else:
+        recvbuf = mpi_buffer(recv if d else send[:0])
+        recvbuf[1] = n
+        requests = [topo.dist_comm.Ineighbor_allgather(mpi_buffer(send), recvbuf)]
+    waiting.wait(requests, "neighbor_allgather", sorted({*topo.sources, *topo.destinations}))
     if recv.data_ptr() != result.data_ptr():
         result.view(-1).copy_(recv)
         transport.done_with(recv)

@@ -16,10 +16,11 @@ import ctypes.util
 import os
 
 import torch
+from mpi4py import MPI
 
 from gossip.mpi_settings import message_chunk_bytes
 from gossip.staging import StagingPipeline
-from gossip.tensors import BufferPool
+from gossip.tensors import BufferPool, mpi_buffer
 
 _ENV_CUDA_AWARE = "GOSSIP_CUDA_AWARE"
 
@@ -83,6 +84,19 @@ class Transport:
         """``[(start, stop), ...]`` element ranges of a message's chunks (:mod:`gossip.mpi_settings`)."""
         per_chunk = max(1, self.chunk_bytes // element_size)
         return [(a, min(numel, a + per_chunk)) for a in range(0, numel, per_chunk)] or [(0, 0)]
+
+    def exchange(self, comm: MPI.Comm, receives: list[tuple[int, torch.Tensor]], sends: list[tuple[int, torch.Tensor]],
+                 tag: int) -> list[MPI.Request]:
+        """Post a point-to-point exchange of flat tensors of one size in chunks: every chunk's receive
+        (``(source, into)``) first, then every send (``(destination, tensor)``); returns the requests.
+        A large message thus streams both ways at line rate over TCP (:mod:`gossip.mpi_settings`)."""
+        like = (receives or sends)[0][1] if receives or sends else None
+        if like is None:
+            return []
+        spans = self.chunk_spans(like.numel(), like.element_size())
+        requests = [comm.Irecv(mpi_buffer(into[a:b]), source=src, tag=tag) for src, into in receives for a, b in spans]
+        requests += [comm.Isend(mpi_buffer(t[a:b]), dest=dst, tag=tag) for dst, t in sends for a, b in spans]
+        return requests
 
     def staged(self, t: torch.Tensor) -> bool:
         """True if ``t``'s bytes must go through host memory."""

@@ -40,6 +40,16 @@ def test_static_exponential_blocking_and_async():
     del junk
 
 
+def test_neighbor_allgather_rows_in_chunks():
+    gossip.set_topology(topologies.exponential_two(N))
+    x = rank_values((BIG,), torch.float32, seed=7)
+    rows = gathered(x)
+    got = gossip.neighbor_allgather(x)
+    assert got.shape == (len(gossip.in_neighbors()), BIG)
+    for k, j in enumerate(gossip.in_neighbors()):
+        assert_close(got[k], rows[j], torch.float32, f"neighbor_allgather row {k} from rank {j}, 6 MB")
+
+
 def test_one_peer_exchanges_at_every_distance():
     schedule = topologies.OnePeerExponentialTwo(N)
     x = rank_values((BIG,), torch.float32, seed=2)
