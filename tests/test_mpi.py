@@ -12,6 +12,8 @@ MPI_MESSAGES = {"GOSSIP_SHARED_MEMORY": "0", "OMPI_MCA_btl": "tcp,self"}
 # The same with messages of several chunks everywhere (the algorithms' test network widened to 1.2 MB of
 # parameters) and the debug checks on: poisoned released buffers, sent tensors checked untouched.
 LARGE_OVER_TCP = {**MPI_MESSAGES, "GOSSIP_TEST_HIDDEN": "30000", "GOSSIP_DEBUG_BUFFERS": "1"}
+# And with the progress thread polling MPI while the ops run (MPI_THREAD_MULTIPLE).
+PROGRESS_THREAD = {**MPI_MESSAGES, "GOSSIP_PROGRESS_THREAD": "1"}
 
 
 def machines_of(k: int) -> dict:
@@ -26,6 +28,8 @@ def _label(env: dict | None) -> str:
         return "-mpi-tcp"
     if env == LARGE_OVER_TCP:
         return "-large-tcp"
+    if env == PROGRESS_THREAD:
+        return "-tcp-progress-thread"
     return f"-{env['GOSSIP_RANKS_PER_MACHINE']}-per-machine"
 CASES = [
     ("neighbor_static.py", 1, None), ("neighbor_static.py", 2, None), ("neighbor_static.py", 4, None),
@@ -39,6 +43,7 @@ CASES = [
     ("dynamic_families.py", 8, None),
     ("algorithms_sync.py", 1, None), ("algorithms_sync.py", 4, None), ("algorithms_sync.py", 6, None),
     ("algorithms_sync.py", 4, LARGE_OVER_TCP), ("large_messages.py", 4, LARGE_OVER_TCP),
+    ("large_messages.py", 4, PROGRESS_THREAD),
     ("large_messages.py", 4, machines_of(2)),
     ("algorithms_periodic.py", 1, None), ("algorithms_periodic.py", 4, None),
     ("algorithms_periodic.py", 5, MPI_MESSAGES),

@@ -150,3 +150,14 @@ def test_emulated_machines_are_separate_hosts():
     names = WORLD.allgather(socket.gethostname())
     assert len(set(names)) == gossip.machine_size() > 1, (names, gossip.machine_size())
     assert not gossip.uses_shared_memory()
+
+
+def test_progress_thread_runs_when_asked_and_sleeps_when_idle():
+    import os
+
+    progress = current().progress
+    if os.environ.get("GOSSIP_PROGRESS_THREAD") != "1":
+        assert progress is None
+        return
+    assert progress is not None and progress._thread.is_alive()
+    assert current().in_flight.active == 0, "nothing is in flight between tests"
