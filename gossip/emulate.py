@@ -134,9 +134,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _tc(namespace: str, *args: str) -> None:
-    done = subprocess.run(["ip", "netns", "exec", namespace, "tc", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise EmulationError(f"`tc {' '.join(args)}` in {namespace} failed: {done.stderr.strip()}")
+    _ip("netns", "exec", namespace, "tc", *args)
 
 
 def tbf_arguments(rate_bits: int) -> list[str]:
@@ -156,8 +154,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, someone else's
+        pass
     return True
 
 
@@ -216,8 +214,9 @@ exec {enter} "$ns" "$host" sh -c "$*"
 class EmulatedCluster:
     """M machines (network namespaces) on one bridge, each link shaped to ``rate_bits`` both ways.
 
-    Use as a context manager: entering creates it (after :func:`preflight`), leaving removes it.
-    ``tag`` names everything made (default: this process's pid).
+    Use as a context manager: entering creates it, leaving removes it (:func:`reaped_cluster`
+    also runs :func:`preflight` first and removes it should this process be killed). ``tag`` names
+    everything made (default: this process's pid).
     """
 
     def __init__(self, machines: int, rate_bits: int, tag: str | None = None) -> None:

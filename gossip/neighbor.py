@@ -214,7 +214,6 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
     recv = transport.incoming(d * n, flat.dtype, device) if d else None
     requests: list[MPI.Request] = []
     scales = None
-    spans = transport.chunk_spans(n, flat.element_size())
     if ex.dynamic:
         scales = np.empty(d, dtype=np.float64)
         outgoing_scales = np.asarray(ex.dst_weights, dtype=np.float64)
@@ -223,7 +222,7 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, path: tuple, out: t
         requests += [rt.comm.Isend([outgoing_scales[k:k + 1], MPI.DOUBLE], dest=dst, tag=_TAG_SCALE)
                      for k, dst in enumerate(ex.destinations)]
         requests += _post_chunks(rt, rt.comm, send, recv, n, ex.sources, ex.destinations)
-    elif len(spans) > 1:
+    elif transport.chunked(n * flat.element_size()):
         requests += _post_chunks(rt, rt.topology.dist_comm, send, recv, n, ex.sources, ex.destinations)
     elif ex.sources or ex.destinations:
         recvbuf = mpi_buffer(recv if recv is not None else send[:0])
@@ -388,9 +387,8 @@ def neighbor_allgather(tensor: torch.Tensor) -> torch.Tensor:
     transport = rt.transport
     send = transport.outgoing(x)
     recv = transport.incoming(d * n, x.dtype, x.device) if transport.staged(x) else result.view(-1)
-    spans = transport.chunk_spans(n, x.element_size())
-    if len(spans) > 1:  # as neighbor_allreduce: chunks stream both ways where one rendezvous would not
-        requests = _post_chunks(current(), topo.dist_comm, send, recv, n, topo.sources, topo.destinations)
+    if transport.chunked(n * x.element_size()):  # as neighbor_allreduce: chunks stream both ways
+        requests = _post_chunks(rt, topo.dist_comm, send, recv, n, topo.sources, topo.destinations)
     else:
         recvbuf = mpi_buffer(recv if d else send[:0])
         recvbuf[1] = n

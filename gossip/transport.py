@@ -80,6 +80,10 @@ class Transport:
         self.pipeline = StagingPipeline(pool)
         self.chunk_bytes = message_chunk_bytes() if chunk_bytes is None else chunk_bytes
 
+    def chunked(self, nbytes: int) -> bool:
+        """True if a point-to-point message of ``nbytes`` is sent as several chunks."""
+        return nbytes > self.chunk_bytes
+
     def chunk_spans(self, numel: int, element_size: int) -> list[tuple[int, int]]:
         """``[(start, stop), ...]`` element ranges of a message's chunks (:mod:`gossip.mpi_settings`)."""
         per_chunk = max(1, self.chunk_bytes // element_size)
@@ -90,9 +94,9 @@ class Transport:
         """Post a point-to-point exchange of flat tensors of one size in chunks: every chunk's receive
         (``(source, into)``) first, then every send (``(destination, tensor)``); returns the requests.
         A large message thus streams both ways at line rate over TCP (:mod:`gossip.mpi_settings`)."""
-        like = (receives or sends)[0][1] if receives or sends else None
-        if like is None:
+        if not (receives or sends):
             return []
+        like = (receives or sends)[0][1]
         spans = self.chunk_spans(like.numel(), like.element_size())
         requests = [comm.Irecv(mpi_buffer(into[a:b]), source=src, tag=tag) for src, into in receives for a, b in spans]
         requests += [comm.Isend(mpi_buffer(t[a:b]), dest=dst, tag=tag) for dst, t in sends for a, b in spans]
