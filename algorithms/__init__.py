@@ -1,9 +1,10 @@
 """Decentralized optimizers in the ``torch.optim`` style, built on :mod:`gossip`.
 
 Each optimizer fuses the parameters into one flat buffer and executes, every step, the
-communication plan its schedule gives (:mod:`gossip.schedule`). ``create(name, params, **hyper)``
-builds one by name; ``available()`` lists the names. Equations: ``../shared/ALGORITHMS.md`` and
-each module's docstring.
+communication plan its schedule gives (:mod:`gossip.plan.schedule`). ``create(name, params, **hyper)``
+builds one by name; ``available()`` lists the names; ``spec(name)`` and ``specs()`` describe each
+entry (class, paper, kind, hyper-parameters read from the constructor). Each module's docstring
+states its update equation and cites its paper.
 """
 
 from algorithms.adpsgd import AsynchronousGossipSGD
@@ -20,10 +21,11 @@ from algorithms.gradient_tracking import GradientTracking
 from algorithms.local_sgd import LocalSGD
 from algorithms.pmsgd import PmSGD
 from algorithms.qg_dmsgd import QGDmSGD
-from algorithms.registry import available, create
+from algorithms.registry import AlgorithmSpec, available, create, markdown_table, spec, specs
 from algorithms.sgp import SGP
 from algorithms.slowmo import BMUF, MAVG, OuterMomentum, SlowMo
 
-__all__ = ["AWCDmSGD", "AsynchronousGossipSGD", "AsynchronousSGD", "BMUF", "CRPSGD", "CRPSGDCatalyst", "D2",
-           "DADmSGD", "DSGD", "DecentLaM", "DecentralizedOptimizer", "DmSGD", "GradientTracking", "LocalSGD", "MAVG",
-           "OuterMomentum", "PmSGD", "QGDmSGD", "SGP", "SlowMo", "available", "create", "growing_batch_sizes"]
+__all__ = ["AWCDmSGD", "AlgorithmSpec", "AsynchronousGossipSGD", "AsynchronousSGD", "BMUF", "CRPSGD", "CRPSGDCatalyst",
+           "D2", "DADmSGD", "DSGD", "DecentLaM", "DecentralizedOptimizer", "DmSGD", "GradientTracking", "LocalSGD",
+           "MAVG", "OuterMomentum", "PmSGD", "QGDmSGD", "SGP", "SlowMo", "available", "create", "growing_batch_sizes",
+           "markdown_table", "spec", "specs"]

@@ -34,12 +34,18 @@ import torch
 
 from algorithms.base import DecentralizedOptimizer, check_rates
 from algorithms.pmsgd import pmsgd_update
-from gossip import collectives, context
-from gossip.schedule import NoCommunication, WindowPushSchedule
-from gossip.window import Window
+from gossip import runtime
+from gossip.ops import collectives
+from gossip.ops.window import Window
+from gossip.plan.schedule import NoCommunication, WindowPushSchedule
 from topologies import DynamicTopology, OnePeerExponentialTwo
 
-_windows = itertools.count()  # window names, the same sequence on every rank
+
+def _window_name() -> str:
+    """The first ``adpsgd-k`` not open in this runtime: the same on every rank, since windows are
+    created and freed collectively, in the same order everywhere."""
+    taken = runtime.current().windows
+    return next(name for k in itertools.count() if (name := f"adpsgd-{k}") not in taken)
 
 
 def union_graph(family: DynamicTopology) -> nx.DiGraph:
@@ -60,11 +66,12 @@ class AsynchronousGossipSGD(DecentralizedOptimizer):
     """AD-PSGD: push the model to this step's peer(s), fold in what has arrived, never wait."""
 
     buffer_names = ("momentum_buffer",)
+    usable_as_base = False  # no step boundary is common to all ranks for an outer loop's average
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, topology=None,
                  mutex: bool = False) -> None:
         check_rates(lr, momentum)
-        n = context.size()
+        n = runtime.size()
         if topology is None:
             topology = OnePeerExponentialTwo(n)
         if isinstance(topology, DynamicTopology):
@@ -77,7 +84,7 @@ class AsynchronousGossipSGD(DecentralizedOptimizer):
             raise ValueError(f"adpsgd needs a static graph or a periodic time-varying family, got {topology!r}")
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": False},
                          schedule=NoCommunication())
-        self.window = Window(self.x, f"adpsgd-{next(_windows)}", graph=graph, mutex=mutex)
+        self.window = Window(self.x, _window_name(), graph=graph, mutex=mutex)
         self.schedule = WindowPushSchedule(self.window, self.family)  # this step's pushes, as plans
         self._push = None  # this rank's push in flight (completes while the next step computes)
         self.arrivals = 0  # how many neighbour models this rank has folded in, in all
@@ -102,6 +109,15 @@ class AsynchronousGossipSGD(DecentralizedOptimizer):
         if self._push is not None:
             self._push.wait()
             self._push = None
+
+    def describe(self) -> str:
+        peers = f"{type(self.family).__name__} peers" if self.family is not None else "every out-neighbour"
+        return (f"the model: one-sided pushes into the windows of {peers} after every step, never waiting; "
+                "each step folds in the models that have arrived")
+
+    def close(self) -> None:
+        """Collective: finish this rank's push and free the window (:meth:`finish` without the average)."""
+        self.finish(average=False)
 
     def finish(self, average: bool = True) -> None:
         """Collective: end the asynchronous phase; with ``average`` every rank's model becomes the

@@ -1,9 +1,18 @@
-"""Asynchronous SGD with a parameter server (seed 001): ASGD, naive ASGDm, OrMo and OrMo-DA over MPI.
+"""Asynchronous SGD with a parameter server: ASGD, naive ASGDm, OrMo and OrMo-DA over MPI.
+
+Shi, Yang, Li, "Ordered Momentum for Asynchronous SGD", NeurIPS 2024 (OrMo, and ASGD and naive
+ASGDm as its baselines). The server holds w and its iteration count t; a worker that holds the
+parameters of iteration ite sends
+
+    g = ∇F(w^{ite}; ξ) + wd·w^{ite}
+
+and the server, the moment it arrives, applies w ← rule(w, g, ite) (ASGD: w ← w − η g; the
+momentum rules in :mod:`algorithms.server_rules`) and replies to that worker alone with (w, t + 1).
 
 One rank (``server``, default 0) holds the model and applies gradients in arrival order with a
 rule of :mod:`algorithms.server_rules`; every other rank is a worker that computes a gradient at
 the parameters it last received and exchanges it for the newest ones, never waiting for other
-workers (:class:`gossip.parameter_server.ParameterServer`). With n ranks there are K = n − 1
+workers (:class:`gossip.ops.parameter_server.ParameterServer`). With n ranks there are K = n − 1
 workers. ``server=[0, 1]`` shards the model over several server ranks (K = n − #servers): each
 applies the rule to its contiguous shard, with its own iteration count. Use::
 
@@ -23,8 +32,8 @@ from __future__ import annotations
 
 from algorithms.base import DecentralizedOptimizer, check_rates
 from algorithms.server_rules import ASGD, NaiveASGDm, OrMo, OrMoDA
-from gossip.parameter_server import ParameterServer
-from gossip.schedule import NoCommunication
+from gossip.ops.parameter_server import ParameterServer
+from gossip.plan.schedule import NoCommunication
 
 RULES = {"asgd": ASGD, "asgdm": NaiveASGDm, "ormo": OrMo, "ormo-da": OrMoDA}
 
@@ -32,12 +41,12 @@ RULES = {"asgd": ASGD, "asgdm": NaiveASGDm, "ormo": OrMo, "ormo-da": OrMoDA}
 class AsynchronousSGD(DecentralizedOptimizer):
     """Parameter-server asynchronous SGD; ``rule`` is ``asgd``, ``asgdm``, ``ormo`` or ``ormo-da``."""
 
+    usable_as_base = False  # the server rank does not step
+
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, rule: str = "ormo",
-                 server: int | list[int] = 0, topology=None) -> None:
+                 server: int | list[int] = 0) -> None:
         if rule not in RULES:
             raise ValueError(f"unknown server rule {rule!r}; one of {', '.join(RULES)}")
-        if topology not in (None, "none"):
-            raise ValueError(f"{rule} runs through a parameter server and takes no gossip topology")
         check_rates(lr, momentum if rule != "asgd" else 0.0)
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
                          schedule=NoCommunication())
@@ -49,6 +58,7 @@ class AsynchronousSGD(DecentralizedOptimizer):
             self.rule = NaiveASGDm(lr, momentum)
         else:
             self.rule = RULES[rule](lr, momentum, workers=workers)
+        self.rule_name = rule
         self.ite: list[int] | None = None  # the iteration index (per server) of the parameters a worker holds
 
     @property
@@ -58,6 +68,17 @@ class AsynchronousSGD(DecentralizedOptimizer):
     @property
     def stopped(self) -> bool:
         return self.server.stopped
+
+    def describe(self) -> str:
+        servers = self.server.servers
+        where = f"rank {servers[0]}" if len(servers) == 1 else f"ranks {servers} (the model sharded)"
+        return (f"{self.rule_name} on a parameter server at {where}: each of {len(self.server.workers)} workers sends "
+                "its gradient after every step and waits only for its own reply, the newest model")
+
+    def close(self) -> None:
+        """Collective: free the parameter server's communicator (after :meth:`serve` has returned on
+        the server and every worker has stopped). Idempotent."""
+        self.server.free()
 
     def serve(self, updates: int, on_update=None) -> int:
         """Server: apply ``updates`` gradients in arrival order, then stop every worker.

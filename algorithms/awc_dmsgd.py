@@ -1,21 +1,19 @@
 """AWC-DmSGD: decentralized momentum SGD, adapt-while-combine (communication overlapped).
 
-The momentum form of DSGD-AWC as ``../shared/ALGORITHMS.md`` states it (the AWC-DmSGD of the
-DecentLaM paper's comparison), with m^0 = 0:
+The momentum form of DSGD-AWC, as in the comparison of Yuan, Chen, Huang, Zhang, Pan, Xu, Yin,
+"DecentLaM: Decentralized Momentum SGD for Large-batch Deep Training", ICCV 2021, with m^0 = 0:
 
     m_i^{k+1} = β m_i^k + g_i^k ;  x_i^{k+1} = Gossip(x^k)_i − γ m_i^{k+1}
 
-[confirm] Balu, Jiang, Tan, Hegde, Lee, Sarkar, "Decentralized Deep Learning using
-Momentum-Accelerated Consensus", ICASSP 2021 (arXiv 2010.11166): their abstract says each agent
-shares "its model parameters as well as gradient-momentum values". ``share_momentum=True`` does
-that, gossiping [x^k; m^k] as one message:
+``share_momentum=True`` gossips the momentum as well, as agents do in Balu, Jiang, Tan, Hegde, Lee,
+Sarkar, "Decentralized Deep Learning using Momentum-Accelerated Consensus", ICASSP 2021, with
+[x^k; m^k] sent as one message:
 
     m_i^{k+1} = β Gossip(m^k)_i + g_i^k ;  x_i^{k+1} = Gossip(x^k)_i − γ m_i^{k+1}
 
-The paper's body (any extra weighting of the two terms) could not be read here, so this is the
-plain combine-both form; it is also how we read the combine-first decentralized momentum SGD of Yu,
-Jin, Yang (ICML 2019), see :mod:`algorithms.da_dmsgd`. The default stays ALGORITHMS.md's
-model-only form.
+This is the plain combine-both form, without any further weighting of the two terms Balu et al.
+may apply; it is also the combine-first reading of Yu, Jin, Yang (ICML 2019), see
+:mod:`algorithms.da_dmsgd`. The default gossips the model only.
 
 Gossip(x^k) (and m^k) do not depend on the gradient: the message starts at the end of step k−1 and
 overlaps the forward and backward of step k (see :class:`algorithms.dsgd.DSGD` for the rules while it
@@ -42,11 +40,17 @@ class AWCDmSGD(DecentralizedOptimizer):
     buffer_names = ("momentum_buffer",)
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, overlap: bool = True,
-                 share_momentum: bool = False, **comm) -> None:
+                 share_momentum: bool = False, topology=None,
+                 global_avg_every: int | None = None) -> None:
         check_rates(lr, momentum)
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **comm)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+                         topology=topology, global_avg_every=global_avg_every)
         self.overlap = overlap
         self.share_momentum = share_momentum
+
+    @property
+    def sends(self) -> str:
+        return "[x; m], the model and the momentum (twice the model's bytes)" if self.share_momentum else "the model"
 
     def _mix_message(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.share_momentum:

@@ -3,7 +3,7 @@
 At construction the parameters become views into one flat tensor ``x`` (in parameter-group
 order, so each group is one contiguous segment), their gradients views into one flat ``g``, and
 rank 0's values are broadcast so that all ranks start equal. A step then communicates one flat
-message whatever the number of parameters, executing the plan its :class:`gossip.schedule.Schedule`
+message whatever the number of parameters, executing the plan its :class:`gossip.plan.schedule.Schedule`
 gives for that step. Subclasses implement :meth:`_step` with the arithmetic of their equation on
 the flat tensors, one group segment at a time.
 """
@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import networkx as nx
 import torch
 
 import gossip
-from gossip.schedule import Schedule, schedule_for
+from gossip import runtime
+from gossip.plan import schedule as schedules
+from gossip.plan.schedule import Schedule, schedule_for
 
 
 def check_rates(lr: float, momentum: float = 0.0, **more: float) -> None:
@@ -24,6 +27,48 @@ def check_rates(lr: float, momentum: float = 0.0, **more: float) -> None:
     if not lr > 0 or bad:
         raise ValueError(f"need lr > 0 and {', '.join(['momentum', *more])} in [0, 1), got lr={lr}, "
                          + ", ".join(f"{name}={v}" for name, v in {"momentum": momentum, **more}.items()))
+
+
+def _graph_text(topology) -> str:
+    """A topology in a few words: a static graph by its largest in-degree, a family by its class name."""
+    if topology is None:
+        topology = runtime.topology()
+    if isinstance(topology, nx.Graph):
+        degree = max((sum(1 for j in topology.predecessors(i) if j != i) if topology.is_directed()
+                      else topology.degree(i) - topology.has_edge(i, i)) for i in topology.nodes)
+        return f"a static graph (up to {degree} neighbours per rank)"
+    return type(topology).__name__  # a time-varying family
+
+
+def describe_schedule(schedule: Schedule) -> str:
+    """What a schedule communicates and when, in words (e.g. "an exact average every 4 steps, nothing in between")."""
+    if isinstance(schedule, schedules.NoCommunication):
+        return "nothing"
+    if isinstance(schedule, schedules.AllreduceSchedule):
+        return "an allreduce every step"
+    if isinstance(schedule, schedules.StaticSchedule):
+        return f"neighbour averaging on {_graph_text(None)} every step"
+    if isinstance(schedule, schedules.DynamicSchedule):
+        return f"neighbour averaging on {_graph_text(schedule.topology)} every step"
+    if isinstance(schedule, schedules.PushSumSchedule):
+        return f"push-sum (column-stochastic) mixing on {_graph_text(schedule.topology)} every step"
+    if isinstance(schedule, schedules.HierarchicalSchedule):
+        return f"{schedule.describe()}, every step"
+    if isinstance(schedule, schedules.PeriodicGlobalAverage):
+        base = describe_schedule(schedule.base)
+        averages = []
+        if schedule.warmup_steps:
+            averages.append(f"an exact average after each of the first {schedule.warmup_steps} steps")
+        if schedule.every is not None:
+            after = " after that" if schedule.warmup_steps else ""
+            averages.append(f"an exact average every {schedule.every} steps{after}" if base == "nothing" else
+                            f"an exact average instead every {schedule.every} steps{after}")
+        if not averages:
+            return base
+        if base == "nothing":
+            return ", ".join(averages) + ", nothing in between"
+        return f"{base}; " + ", ".join(averages)
+    return schedule.describe()
 
 
 class DecentralizedOptimizer(torch.optim.Optimizer):
@@ -36,6 +81,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     """
 
     buffer_names: tuple[str, ...] = ()  # per-element state, one flat tensor each, saved in state_dict
+    sends = "the model"  # what one message carries, for describe()
+    overlap = False  # adapt-while-combine forms: the next step's gossip starts at the end of this one
+    usable_as_base = True  # whether an outer loop (SlowMo, BMUF) may run it between its averages
+    batch_sizes: list[int] | None = None  # the per-step batch sizes when the optimizer fixes them (CR-PSGD)
 
     def __init__(self, params, defaults: dict[str, Any], *, topology=None, global_avg_every: int | None = None,
                  schedule: Schedule | None = None) -> None:
@@ -136,7 +185,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         With ``overlap = False`` (an optimizer argument of the AWC forms) nothing starts here and
         :meth:`mixed_parameters` communicates at the next step, blocking: the baseline for overlap.
         """
-        if getattr(self, "overlap", True):
+        if self.overlap:
             self._pending = self.schedule.plan(self.step_count + 1).start(*self._mix_message())
 
     def synchronize(self) -> None:
@@ -149,6 +198,19 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """``(group, slice)`` for every parameter group: the group's segment of the flat tensors."""
         for (a, b), group in zip(self.segments, self.param_groups, strict=True):
             yield group, slice(a, b)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """One line: what this optimizer communicates and when (e.g. "the model: neighbour averaging on
+        OnePeerExponentialTwo every step")."""
+        overlap = ", overlapped with the next forward and backward" if self.overlap else ""
+        return f"{self.sends}: {describe_schedule(self.schedule)}{overlap}"
+
+    def close(self) -> None:
+        """Finish the communication in flight and free what the optimizer owns (collective for those
+        that own MPI resources: call it on every rank). Idempotent; the optimizer does not step after it."""
+        self.synchronize()
 
     # --- what outer loops (SlowMo, BMUF) use ---------------------------------------------------
 

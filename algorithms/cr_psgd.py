@@ -1,7 +1,7 @@
 """CR-PSGD and CR-PSGD-Catalyst: parallel SGD with exponentially growing batch sizes.
 
 Yu, Jin, "On the Computation and Communication Complexity of Parallel SGD with Dynamic Batch Sizes
-for Stochastic Non-Convex Optimization", ICML 2019 (seed 004). N workers, a per-worker budget of T
+for Stochastic Non-Convex Optimization", ICML 2019. N workers, a per-worker budget of T
 stochastic gradients, first batch B₁, growth ρ > 1:
 
 * **CR-PSGD**: while Σ_{τ≤t} B_τ ≤ T: every worker averages B_t gradients at x_t ; one allreduce
@@ -13,8 +13,8 @@ stochastic gradients, first batch B₁, growth ρ > 1:
 
 The optimizers know their batch-size sequence (``batch_sizes``, ``batch_size(step)``, the number of
 steps ``len(batch_sizes)``): the training loop draws batch t of that size, e.g. with
-:class:`gossip.data.ScheduledBatchSampler` under a ``DataLoader`` whose workers stay alive, or with
-:class:`gossip.data.BatchStream`. The loss must be the mean over the batch (so each worker's
+:class:`gossip.tools.data.ScheduledBatchSampler` under a ``DataLoader`` whose workers stay alive, or with
+:class:`gossip.tools.data.BatchStream`. The loss must be the mean over the batch (so each worker's
 gradient is its batch average). Communication is one allreduce of the fused gradient per step.
 ``momentum`` (default 0, the paper's method) adds heavy-ball momentum to CR-PSGD's step.
 """
@@ -47,10 +47,16 @@ def growing_batch_sizes(first: int, growth: float, budget: int) -> list[int]:
         total += size
 
 
-class BatchSchedule:
+class GrowingBatches:
     """What CR-PSGD-style optimizers share: a batch-size sequence fixed at construction."""
 
     batch_sizes: list[int]
+    usable_as_base = False  # its batch sizes and budget are its own: no outer loop over it
+
+    def describe(self) -> str:
+        sizes = self.batch_sizes
+        return (f"{super().describe()}, per-rank batches growing {sizes[0]} -> {max(sizes)} "
+                f"({len(sizes)} steps)")
 
     def batch_size(self, step: int) -> int:
         """The per-worker batch size of step ``step`` (0-based)."""
@@ -64,13 +70,11 @@ class BatchSchedule:
                                "train for len(optimizer.batch_sizes) steps")
 
 
-class CRPSGD(BatchSchedule, PmSGD):
+class CRPSGD(GrowingBatches, PmSGD):
     """CR-PSGD: allreduce SGD whose per-worker batch grows as ⌊ρ^{t−1} B₁⌋ within a budget of T samples."""
 
     def __init__(self, params, lr: float, budget: int, first_batch: int = 8, growth: float = 1.5,
-                 momentum: float = 0.0, weight_decay: float = 0.0, topology=None) -> None:
-        if topology not in (None, "allreduce"):
-            raise ValueError("cr-psgd averages gradients by allreduce every step; it takes no gossip topology")
+                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         self.batch_sizes = growing_batch_sizes(first_batch, growth, budget)
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.budget, self.first_batch, self.growth = budget, first_batch, growth
@@ -80,16 +84,15 @@ class CRPSGD(BatchSchedule, PmSGD):
         super()._step()
 
 
-class CRPSGDCatalyst(BatchSchedule, DecentralizedOptimizer):
+class CRPSGDCatalyst(GrowingBatches, DecentralizedOptimizer):
     """CR-PSGD-Catalyst: ⌊√(NT)⌋ rounds of CR-PSGD on f + (θ/2)‖x − y‖², each with budget ⌊√(T/N)⌋."""
 
     buffer_names = ("anchor",)
+    sends = "the gradient"
 
     def __init__(self, params, lr: float, budget: int, theta: float = 0.1, first_batch: int = 8,
-                 growth: float = 1.5, weight_decay: float = 0.0, topology=None) -> None:
+                 growth: float = 1.5, weight_decay: float = 0.0) -> None:
         check_rates(lr)
-        if topology not in (None, "allreduce"):
-            raise ValueError("cr-psgd-catalyst averages gradients by allreduce; it takes no gossip topology")
         if not theta > 0:
             raise ValueError(f"theta must be positive, got {theta}")
         n = gossip.size()

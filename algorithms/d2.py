@@ -4,11 +4,11 @@ Tang, Lian, Yan, Zhang, Liu, "D²: Decentralized Training over Decentralized Dat
 
     X^1 = W (X^0 − γ G^0) ;  X^{k+1} = W (2 X^k − X^{k−1} − γ G^k + γ G^{k−1})
 
-D²-DmSGD (``momentum > 0``) replaces G by the momentum buffer m^{k+1} = β m^k + g^k. The analysis
-needs a static symmetric W with λ_min(W) > −1/3 (as ``../shared/ALGORITHMS.md`` states; the
-paper's assumption could not be re-read here); the optimizer checks this at construction and
-raises otherwise (``topologies.lazy(G)`` fixes any symmetric graph). Time-varying topologies are
-refused. With Gossip-PGA the global-average steps use W = 11ᵀ/n, which satisfies the condition.
+D²-DmSGD (``momentum > 0``) replaces G by the momentum buffer m^{k+1} = β m^k + g^k (the
+paper analyses plain G only). The analysis assumes a static symmetric W with
+λ_min(W) > −1/3; the optimizer checks this at construction and raises otherwise
+(``topologies.lazy(G)`` fixes any symmetric graph). Time-varying topologies are refused. With
+Gossip-PGA the global-average steps use W = 11ᵀ/n, which satisfies the condition.
 """
 
 from __future__ import annotations
@@ -46,15 +46,17 @@ class D2(DecentralizedOptimizer):
     """D²; ``momentum > 0`` gives D²-DmSGD."""
 
     buffer_names = ("previous_x", "previous_direction", "momentum_buffer")
+    sends = "the combination 2x − x⁻ − γ(d − d⁻) (the model's size)"
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, **comm) -> None:
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, topology=None,
+                 global_avg_every: int | None = None) -> None:
         check_rates(lr, momentum)
-        topology = comm.get("topology")
         if isinstance(topology, topologies.DynamicTopology):
             raise ValueError("D² needs a static topology (its analysis assumes one fixed W); got a time-varying one")
         if topology is None or isinstance(topology, nx.DiGraph):
             check_mixing(topology if topology is not None else gossip.topology())
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **comm)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+                         topology=topology, global_avg_every=global_avg_every)
         self._combined = torch.empty_like(self.x)
 
     def _step(self) -> None:

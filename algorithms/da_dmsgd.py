@@ -7,9 +7,8 @@ Distributed Non-Convex Optimization", ICML 2019 (decentralized momentum SGD). Wi
     m_i^{k+1} = Gossip(m^{k+½})_i ;  x_i^{k+1} = Gossip(x^{k+½})_i
 
 x and m travel in one fused message [x; m] (twice the model's bytes, one call).
-[confirm, open] This is the adapt-then-combine form of ``../shared/ALGORITHMS.md``. The paper's
-algorithm could not be read here; it may combine first (m^{k+1} = β W m^k + g, x^{k+1} = W x^k − γ m^{k+1}).
-That combine-first recursion is ``algorithms.create("awc-dmsgd", ..., share_momentum=True)``, which
+We implement the adapt-then-combine reading above; the combine-first reading (m^{k+1} = β W m^k + g,
+x^{k+1} = W x^k − γ m^{k+1}) is ``algorithms.create("awc-dmsgd", ..., share_momentum=True)``, which
 also overlaps its message with forward and backward.
 """
 
@@ -23,10 +22,13 @@ class DADmSGD(DecentralizedOptimizer):
     """Model and momentum both averaged every step, in one fused message."""
 
     buffer_names = ("momentum_buffer",)
+    sends = "[x; m], the model and the momentum (twice the model's bytes)"
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, **comm) -> None:
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, topology=None,
+                 global_avg_every: int | None = None) -> None:
         check_rates(lr, momentum)
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **comm)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+                         topology=topology, global_avg_every=global_avg_every)
 
     def _step(self) -> None:
         g = self.gradient()

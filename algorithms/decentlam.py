@@ -31,10 +31,13 @@ class DecentLaM(DecentralizedOptimizer):
     """DecentLaM in momentum form."""
 
     buffer_names = ("momentum_buffer",)
+    sends = "the half-step model x − γg"
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, **comm) -> None:
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, topology=None,
+                 global_avg_every: int | None = None) -> None:
         check_rates(lr, momentum)
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **comm)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+                         topology=topology, global_avg_every=global_avg_every)
         self._half = torch.empty_like(self.x)
 
     def _step(self) -> None:

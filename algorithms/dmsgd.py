@@ -27,9 +27,11 @@ class DmSGD(DecentralizedOptimizer):
 
     buffer_names = ("momentum_buffer",)
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, **comm) -> None:
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, topology=None,
+                 global_avg_every: int | None = None) -> None:
         check_rates(lr, momentum)
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **comm)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+                         topology=topology, global_avg_every=global_avg_every)
 
     def _step(self) -> None:
         g = self.gradient()

@@ -34,13 +34,15 @@ class DSGD(DecentralizedOptimizer):
     """Decentralized SGD: ``form="atc"`` (default) or ``"awc"`` (communication overlapped)."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, form: str = "atc", overlap: bool = True,
-                 **comm) -> None:
+                 topology=None,
+                 global_avg_every: int | None = None) -> None:
         if form not in ("atc", "awc"):
             raise ValueError(f"form must be 'atc' or 'awc', got {form!r}")
         check_rates(lr)
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, **comm)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay},
+                         topology=topology, global_avg_every=global_avg_every)
         self.form = form
-        self.overlap = overlap  # AWC: start the next step's gossip at the end of this one
+        self.overlap = overlap and form == "awc"  # start the next step's gossip at the end of this one
 
     def _step(self) -> None:
         g = self.gradient()

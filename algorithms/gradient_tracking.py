@@ -1,7 +1,8 @@
 """Gradient tracking (DIGing): each rank tracks the network's average gradient.
 
 Nedić, Olshevsky, Shi, "Achieving Geometric Convergence for Distributed Optimization over
-Time-Varying Graphs" (DIGing), SIAM J. Optim. 2017; Qu and Li, 2018:
+Time-Varying Graphs" (DIGing), SIAM J. Optim. 2017; Qu, Li, "Harnessing Smoothness to Accelerate
+Distributed Optimization", IEEE Trans. Control Netw. Syst. 2018:
 
     x^{k+1} = W x^k − γ y^k ;  y^{k+1} = W y^k + g^{k+1} − g^k ;  y^0 = g^0
 
@@ -20,10 +21,13 @@ class GradientTracking(DecentralizedOptimizer):
     """DIGing-style gradient tracking."""
 
     buffer_names = ("tracker", "mixed_tracker", "previous_gradient")
+    sends = "[x; y], the model and the gradient tracker (twice the model's bytes)"
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, **comm) -> None:
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, topology=None,
+                 global_avg_every: int | None = None) -> None:
         check_rates(lr)
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, **comm)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay},
+                         topology=topology, global_avg_every=global_avg_every)
 
     def _step(self) -> None:
         g = self.gradient()

@@ -2,7 +2,9 @@
 
     ḡ = (1/n) Σ_j g_j ;  m ← β m + ḡ ;  x ← x − γ m   (m^0 = 0; Nesterov: x ← x − γ(ḡ + β m))
 
-The baseline every decentralized method is compared with: one allreduce of the fused gradient per
+The baseline every decentralized method is compared with, synchronous data-parallel SGD as in Goyal,
+Dollár, Girshick, Noordhuis, Wesolowski, Kyrola, Tulloch, Jia, He, "Accurate, Large Minibatch SGD:
+Training ImageNet in 1 Hour", arXiv 1706.02677, 2017: one allreduce of the fused gradient per
 step; all ranks stay identical. Weight decay is added to each rank's gradient before averaging.
 
 With ``lars=True`` (You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks",
@@ -43,17 +45,16 @@ class PmSGD(DecentralizedOptimizer):
     """Parallel momentum SGD: allreduce of gradients, then momentum SGD (the schedule is allreduce)."""
 
     buffer_names = ("momentum_buffer",)
+    sends = "the gradient"
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 nesterov: bool = False, lars: bool = False, trust_coefficient: float = 0.001, **comm) -> None:
+                 nesterov: bool = False, lars: bool = False, trust_coefficient: float = 0.001) -> None:
         check_rates(lr, momentum)
         if lars and trust_coefficient <= 0:
             raise ValueError(f"trust_coefficient must be positive, got {trust_coefficient}")
-        if comm.get("topology") is None:
-            comm["topology"] = "allreduce"
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                                   "nesterov": nesterov, "lars": lars, "trust_coefficient": trust_coefficient},
-                         **comm)
+                         topology="allreduce")
         offsets = self._buffer.offsets
         layers = list(zip(offsets[:-1], offsets[1:], strict=True))
         self._group_layers = [[(a, b) for a, b in layers if s.start <= a < s.stop] for _, s in self.groups()]

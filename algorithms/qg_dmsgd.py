@@ -34,13 +34,16 @@ class QGDmSGD(DecentralizedOptimizer):
     """Quasi-global momentum; ``mu`` defaults to ``momentum``."""
 
     buffer_names = ("quasi_global_momentum",)
+    sends = "the half-step model x − γd"
 
     def __init__(self, params, lr: float, momentum: float = 0.9, mu: float | None = None, nesterov: bool = False,
-                 weight_decay: float = 0.0, **comm) -> None:
+                 weight_decay: float = 0.0, topology=None,
+                 global_avg_every: int | None = None) -> None:
         mu = momentum if mu is None else mu
         check_rates(lr, momentum, mu=mu)
         super().__init__(params, {"lr": lr, "momentum": momentum, "mu": mu, "nesterov": nesterov,
-                                  "weight_decay": weight_decay}, **comm)
+                                  "weight_decay": weight_decay},
+                         topology=topology, global_avg_every=global_avg_every)
         self._half = torch.empty_like(self.x)
 
     def _step(self) -> None:

@@ -9,22 +9,21 @@ index the gradient was computed at; they record the staleness ``t − ite`` of e
 * **ASGD**: w ← w − η g.
 * **Naive ASGDm**: u ← β u + η g ; w ← w − u, in arrival order (stale gradients get momentum as if
   fresh; known to slow down or diverge).
-* **OrMo** (Shi, Yang, Li, "Ordered Momentum for Asynchronous SGD", NeurIPS 2024; seed 001):
+* **OrMo** (Shi, Yang, Li, "Ordered Momentum for Asynchronous SGD", NeurIPS 2024):
   gradients are grouped by iteration index, group(ite) = ⌈ite/K⌉ (group 0: the K gradients at
   w⁰). I is the latest group, u⁰ = 0, I⁰ = 0. At server iteration t = 0, 1, 2, …: if ⌈t/K⌉ > I,
   then w ← w − β u ; u ← β u ; I ← I + 1. Then for the arriving (g, ite), δ = I − group(ite) ≥ 0:
   u ← u + β^δ η g ; w ← w − ((1 − β^{δ+1})/(1 − β)) η g. A gradient that arrives late is weighted
   as if it had been in momentum since its group: β^δ in u, and the δ + 1 decayed steps it missed
-  applied to w at once. [confirm] The rounding: with t counted from 0 (t ∈ [T] = {0, …, T − 1})
-  the rule reduces to SGD with heavy-ball momentum (u ← β u + η g ; w ← w − u) for K = 1, as the
-  paper states; counted from 1, it would not (checked in the tests).
+  applied to w at once. Server iterations are counted from 0 (t ∈ {0, …, T − 1}): with that count
+  the rule is SGD with heavy-ball momentum (u ← β u + η g ; w ← w − u) for K = 1, as the paper
+  states, and counted from 1 it would not be (the tests check both).
 * **OrMo-DA**: OrMo with a delay-adaptive learning rate: the arriving gradient's η is replaced by
-  η_τ = η · min(1, K/τ), τ = t − ite its staleness, in both the u and the w update. The paper
-  proves OrMo-DA without the bounded-gradient assumption; its exact rule could not be read here
-  (our copy of the seed has the formula garbled). **[confirm]** this form, which is the
-  delay-adaptive step of Koloskova, Stich, Jaggi (NeurIPS 2022) and Mishchenko et al. (NeurIPS
-  2022) for ASGD (full step while the staleness is at most the number of workers, which it is on
-  average; shrinking as 1/τ beyond).
+  η_τ = η · min(1, K/τ), τ = t − ite its staleness, in both the u and the w update. This step size
+  is the delay-adaptive one of Koloskova, Stich, Jaggi (NeurIPS 2022) and Mishchenko, Bach, Even,
+  Woodworth (NeurIPS 2022) for ASGD (full step while the staleness is at most the number of
+  workers, as it is on average, shrinking as 1/τ beyond); the OrMo paper's own OrMo-DA schedule
+  may differ from it.
 """
 
 from __future__ import annotations
@@ -138,7 +137,7 @@ class OrMo(ServerRule):
 
 
 class OrMoDA(OrMo):
-    """OrMo with the delay-adaptive step η · min(1, K/τ) (module docstring; [confirm])."""
+    """OrMo with the delay-adaptive step η · min(1, K/τ) (module docstring)."""
 
     def step_size(self, ite: int) -> float:
         staleness = self.t - ite

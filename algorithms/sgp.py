@@ -9,7 +9,7 @@ ranks it sends to), numerators x_i^0 = z_i^0, masses w_i^0 = 1:
 
 The model's parameters hold the de-biased z (gradients are taken there); the numerator and the
 mass travel in one fused message [x; w]. Senders' shares are applied as ``dst_weights`` by
-:class:`gossip.schedule.PushSumSchedule`. ``momentum > 0`` adds local heavy-ball momentum to the
+:class:`gossip.plan.schedule.PushSumSchedule`. ``momentum > 0`` adds local heavy-ball momentum to the
 gradient step (m ← β m + g; x ← x − γ m), as the paper's experiments do.
 """
 
@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from algorithms.base import DecentralizedOptimizer, check_rates
-from gossip.schedule import PeriodicGlobalAverage, PushSumSchedule
+from gossip.plan.schedule import PeriodicGlobalAverage, PushSumSchedule
 
 
 class SGP(DecentralizedOptimizer):
     """Push-sum SGD. ``topology`` as for every optimizer; its edges (not weights) are used."""
 
     buffer_names = ("numerator", "momentum_buffer")
+    sends = "[x; w], the push-sum numerator and its mass"
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, topology=None,
                  global_avg_every: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """Outer loops over a base optimizer: SlowMo, BMUF and MAVG.
 
-Every ``period`` = τ steps of a base optimizer (any registered one: local SGD, DSGD, DmSGD,
-DecentLaM, SGP, PmSGD, ...), the models are averaged exactly and an outer momentum step moves the
+Every ``period`` = τ steps of a base optimizer (a built, single-level synchronous one: local SGD,
+DSGD, DmSGD, DecentLaM, SGP, PmSGD, ...), the models are averaged exactly and an outer momentum step moves the
 common starting point of the next round. With x_{t,0} that starting point (equal on all ranks,
 x_{0,0} = x⁰), x̄ = (1/n) Σ_i x_i^{(t,τ)} the exact average after the round and γ_t the base's
 (fast) learning rate at the end of the round:
@@ -18,22 +18,27 @@ x_{0,0} = x⁰), x̄ = (1/n) Σ_i x_i^{(t,τ)} the exact average after the round
       Δ_{t+1} = η Δ_t + ζ (x̄ − w_t) ;  w_{t+1} = w_t + Δ_{t+1}
 
   and the next round starts from x_{t+1,0} = w_{t+1} (classic block momentum) or from
-  w_{t+1} + η Δ_{t+1} (``block_nesterov=True``, Nesterov block momentum). [confirm] The Nesterov form
-  follows our reading of Chen & Huo (the block update is measured from the global model w_t, not
-  from the look-ahead point); the paper body was not available to check.
+  w_{t+1} + η Δ_{t+1} (``block_nesterov=True``, Nesterov block momentum). In the Nesterov form we
+  measure the block update from the global model w_t, not from the look-ahead point: that is our
+  reading of Chen & Huo.
 
 * **MAVG** (Cong, Liu, "Accelerate Distributed Stochastic Descent for Nonconvex Optimization with
-  Momentum", MLHPC @ SC 2020; seed 000): classic BMUF with ζ = 1 over plain local SGD, momentum μ:
+  Momentum", MLHPC workshop at SC 2020): classic BMUF with ζ = 1 over plain local SGD, momentum μ:
   d = a − w̃ ; v ← μ v + d ; w̃ ← w̃ + v.
 
 Here ζ and α are both ``slow_lr`` and η, β and μ all ``slow_momentum``. With a constant γ the
 SlowMo recursion is BMUF's (v = −α γ u), so SlowMo over local SGD with α = 1, β = μ is MAVG, and
 α = 1, β = 0 gives back the base algorithm (x_{t+1,0} = x̄).
 
-The exact average is the plan of a :class:`gossip.schedule.PeriodicGlobalAverage` schedule (one
+The exact average is the plan of a :class:`gossip.plan.schedule.PeriodicGlobalAverage` schedule (one
 allreduce of the fused model every τ steps, nothing in between); the base runs its own schedule.
-Over local SGD the base is built with ``period=None``, so the outer average is the only
-communication. Over PmSGD the models are already equal and the average is skipped. Base-optimizer
+SlowMo and BMUF wrap a base *instance*::
+
+    opt = SlowMo(DSGD(model.parameters(), lr=0.1, topology=ring), period=12)
+    opt = algorithms.create("slowmo", model.parameters(), base="dsgd", lr=0.1, topology=ring, period=12)  # the same
+
+Local SGD as a base is built with ``period=None`` (``create`` does so), so the outer average is the
+only communication. Over PmSGD the models are already equal and the average is skipped. Base-optimizer
 buffers at the end of a round (``base_buffers``): ``"maintain"`` (keep, fairscale's choice; the
 default), ``"reset"`` (restart the base's recursion from x_{t+1,0}) or ``"average"`` (the exact
 average of each buffer, in one message).
@@ -46,41 +51,47 @@ from typing import Any
 import torch
 
 import gossip
-from algorithms.base import DecentralizedOptimizer
-from gossip.schedule import AllreduceSchedule, NoCommunication, PeriodicGlobalAverage
+from algorithms.base import DecentralizedOptimizer, describe_schedule
+from algorithms.local_sgd import LocalSGD
+from gossip.plan.schedule import AllreduceSchedule, NoCommunication, PeriodicGlobalAverage
 
 BASE_BUFFERS = ("maintain", "reset", "average")
 
 
 class OuterMomentum(torch.optim.Optimizer):
-    """A base optimizer whose rounds of ``period`` steps end with an exact average and an outer
-    momentum step; ``lr_scaled`` picks SlowMo's units (u in gradient units, divided by γ_t) over
-    BMUF's (Δ in model units). Built by :class:`SlowMo`, :class:`BMUF` and :class:`MAVG`."""
+    """A base optimizer instance whose rounds of ``period`` steps end with an exact average and an
+    outer momentum step; ``lr_scaled`` picks SlowMo's units (u in gradient units, divided by γ_t) over
+    BMUF's (Δ in model units). Built by :class:`SlowMo`, :class:`BMUF` and :class:`MAVG`.
+
+    The base is a single-level synchronous optimizer (any :class:`DecentralizedOptimizer` whose
+    ``usable_as_base`` is true) over the model's parameters; this optimizer shares its parameter
+    groups (LR schedulers drive the base) and steps it. A base that averages by itself (local SGD
+    with a ``period``) keeps doing so: build it with ``period=None``.
+    """
 
     lr_scaled = True
+    usable_as_base = False  # no outer loop over an outer loop
+    batch_sizes = None
 
-    def __init__(self, params, lr: float, *, base: str, period: int, slow_lr: float, slow_momentum: float,
-                 block_nesterov: bool = False, base_buffers: str = "maintain", **base_hyper) -> None:
-        from algorithms.registry import OUTER, create
-
-        if base in OUTER:
-            raise ValueError(f"the base optimizer must be a single-level algorithm, not {base!r}")
+    def __init__(self, base: DecentralizedOptimizer, *, period: int, slow_lr: float, slow_momentum: float,
+                 block_nesterov: bool = False, base_buffers: str = "maintain") -> None:
+        if not isinstance(base, DecentralizedOptimizer) or not base.usable_as_base:
+            raise ValueError(f"the base optimizer must be a single-level algorithm (a synchronous "
+                             f"DecentralizedOptimizer), not {type(base).__name__}")
         if not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an int >= 1, got {period!r}")
         if not slow_lr > 0 or not 0 <= slow_momentum < 1:
             raise ValueError(f"need slow_lr > 0 and slow_momentum in [0, 1), got {slow_lr} and {slow_momentum}")
         if base_buffers not in BASE_BUFFERS:
             raise ValueError(f"base_buffers must be one of {', '.join(BASE_BUFFERS)}, got {base_buffers!r}")
-        if base == "local-sgd":
-            base_hyper.setdefault("period", None)  # the outer loop does the averaging
-        self.base: DecentralizedOptimizer = create(base, params, lr=lr, **base_hyper)
-        super().__init__(self.base.param_groups, {})
-        self.param_groups = self.base.param_groups  # one set of groups: LR schedulers drive the base
-        self.base_name, self.period, self.base_buffers = base, period, base_buffers
+        self.base = base
+        super().__init__(base.param_groups, {})
+        self.param_groups = base.param_groups  # one set of groups: LR schedulers drive the base
+        self.period, self.base_buffers = period, base_buffers
         self.slow_lr, self.slow_momentum, self.block_nesterov = slow_lr, slow_momentum, block_nesterov
         self.outer = PeriodicGlobalAverage(NoCommunication(), period)
-        self._models_equal = isinstance(self.base.schedule, AllreduceSchedule)
-        x = self.base.x
+        self._models_equal = isinstance(base.schedule, AllreduceSchedule)
+        x = base.x
         self.slow_start = x.detach().clone()  # x_{t,0} (SlowMo) or the global model w_t (BMUF)
         self.slow_momentum_buffer = torch.zeros_like(x)  # u_t (SlowMo) or Δ_t (BMUF)
         self._average = torch.empty_like(x)
@@ -103,15 +114,29 @@ class OuterMomentum(torch.optim.Optimizer):
     def schedule(self):
         return self.base.schedule
 
-    def synchronize(self) -> None:
-        self.base.synchronize()
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none)
 
+    # --- lifecycle -------------------------------------------------------------------------------
+
     def describe(self) -> str:
-        base = f"{self.base_name} ({self.base.schedule.describe()})"
-        return f"{type(self).__name__} every {self.period} steps over {base}"
+        """One line: the outer loop's communication and the base's."""
+        name = type(self).__name__
+        if self._models_equal:
+            outer = f"{name}: every {self.period} steps an outer momentum step (no average: the models are equal)"
+        else:
+            outer = f"{name}: an exact average of the model every {self.period} steps, then an outer momentum step"
+        if describe_schedule(self.base.schedule) == "nothing":
+            return f"{outer}; nothing in between (local steps)"
+        return f"{outer}; in between, {self.base.describe()}"
+
+    def synchronize(self) -> None:
+        """Finish the base's communication in flight."""
+        self.base.synchronize()
+
+    def close(self) -> None:
+        """Finish the base's communication in flight and free what it owns. Idempotent."""
+        self.base.close()
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -170,37 +195,36 @@ class OuterMomentum(torch.optim.Optimizer):
 
 
 class SlowMo(OuterMomentum):
-    """SlowMo: slow lr α, slow momentum β, period τ over any base optimizer (module docstring)."""
+    """SlowMo over ``base`` (a built optimizer): slow lr α, slow momentum β, period τ (module docstring)."""
 
-    def __init__(self, params, lr: float, base: str = "local-sgd", period: int = 48, slow_lr: float = 1.0,
-                 slow_momentum: float = 0.5, base_buffers: str = "maintain", **base_hyper) -> None:
-        super().__init__(params, lr, base=base, period=period, slow_lr=slow_lr, slow_momentum=slow_momentum,
-                         base_buffers=base_buffers, **base_hyper)
+    def __init__(self, base: DecentralizedOptimizer, period: int = 48, slow_lr: float = 1.0,
+                 slow_momentum: float = 0.5, base_buffers: str = "maintain") -> None:
+        super().__init__(base, period=period, slow_lr=slow_lr, slow_momentum=slow_momentum, base_buffers=base_buffers)
 
 
 class BMUF(OuterMomentum):
-    """BMUF: block lr ζ (``slow_lr``), block momentum η (``slow_momentum``, default 1 − 1/n as Chen &
-    Huo recommend), classic or Nesterov block momentum, period τ over any base optimizer."""
+    """BMUF over ``base`` (a built optimizer): block lr ζ (``slow_lr``), block momentum η
+    (``slow_momentum``, default 1 − 1/n as Chen & Huo recommend), classic or Nesterov block momentum,
+    period τ."""
 
     lr_scaled = False
 
-    def __init__(self, params, lr: float, base: str = "local-sgd", period: int = 16, slow_lr: float = 1.0,
-                 slow_momentum: float | None = None, block_nesterov: bool = False, base_buffers: str = "maintain",
-                 **base_hyper) -> None:
+    def __init__(self, base: DecentralizedOptimizer, period: int = 16, slow_lr: float = 1.0,
+                 slow_momentum: float | None = None, block_nesterov: bool = False,
+                 base_buffers: str = "maintain") -> None:
         if slow_momentum is None:
             slow_momentum = 1.0 - 1.0 / gossip.size()
-        super().__init__(params, lr, base=base, period=period, slow_lr=slow_lr, slow_momentum=slow_momentum,
-                         block_nesterov=block_nesterov, base_buffers=base_buffers, **base_hyper)
+        super().__init__(base, period=period, slow_lr=slow_lr, slow_momentum=slow_momentum,
+                         block_nesterov=block_nesterov, base_buffers=base_buffers)
 
 
 class MAVG(OuterMomentum):
-    """MAVG: K steps of plain local SGD, then the meta momentum step with μ = ``slow_momentum``."""
+    """MAVG: K steps of plain local SGD (built here over ``params``), then the meta momentum step
+    with μ = ``slow_momentum``: BMUF with ζ = 1 over :class:`LocalSGD` without momentum."""
 
     lr_scaled = False
 
-    def __init__(self, params, lr: float, period: int = 4, slow_momentum: float = 0.5, weight_decay: float = 0.0,
-                 topology=None) -> None:
-        if topology not in (None, "none"):
-            raise ValueError("mavg runs plain local SGD between averages and does not gossip; drop `topology`")
-        super().__init__(params, lr, base="local-sgd", period=period, slow_lr=1.0, slow_momentum=slow_momentum,
-                         weight_decay=weight_decay)
+    def __init__(self, params, lr: float, period: int = 4, slow_momentum: float = 0.5,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(LocalSGD(params, lr, weight_decay=weight_decay, period=None), period=period, slow_lr=1.0,
+                         slow_momentum=slow_momentum)

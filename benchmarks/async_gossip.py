@@ -2,20 +2,21 @@
 
 ``gossiprun -np 4 python benchmarks/async_gossip.py --slow-ranks 0 --slow-delay 0.02``
 
-Synchronous DSGD and asynchronous AD-PSGD (``adpsgd``, one-sided windows) train the same MLP on
-scikit-learn's digits (offline, iid shards) over the same time-varying topology (one-peer
-exponential-2) for the same wall-time budget, from the same initialisation, each twice: with every
-rank at full speed, and with the ``--slow-ranks`` sleeping ``--slow-delay`` seconds after every
-step. Synchronous gossip moves at the pace of its slowest rank; asynchronous gossip lets the others
-go on.
+Synchronous DSGD (Lian, Zhang, Zhang, Hsieh, Zhang and Liu, NeurIPS 2017) and asynchronous AD-PSGD
+(Lian, Zhang, Zhang and Liu, "Asynchronous Decentralized Parallel Stochastic Gradient Descent",
+ICML 2018; ``adpsgd``, over one-sided windows) train the same MLP on scikit-learn's digits
+(offline, iid shards) over the same time-varying topology (one-peer exponential-2) for the same
+wall-time budget, from the same initialisation, each twice: with every rank at full speed, and with
+the ``--slow-ranks`` sleeping ``--slow-delay`` seconds after every step. Synchronous gossip moves
+at the pace of its slowest rank; asynchronous gossip lets the others go on.
 
 Every rank logs its own model's loss on the whole training set every ``--eval-every`` seconds of
 its training time (the clock stops while it evaluates). The curve is the mean over ranks of their
-latest logged loss; "time to target" is the first time it reaches ``--target`` (averaged over the seeds that reach
-it; the table says how many did). At the end the
-models are averaged exactly, and the averaged model's training loss and test accuracy are
-reported. Prints a table (mean over ``--seeds``) and writes ``results/async-gossip-np<N>.json``
-and a loss-vs-time ``.png``.
+latest logged loss; "time to target" is the first time it reaches ``--target`` (averaged over the
+random seeds whose runs reach it; the table says how many did). At the end the models are averaged
+exactly, and the averaged model's training loss and test accuracy are reported. Prints a table
+(mean over the random seeds of ``--seeds``) and writes ``results/async-gossip-np<N>.json`` and a
+loss-vs-time ``.png``.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from mpi4py import MPI
 import algorithms
 import gossip
 import topologies
-from gossip.data import BatchStream, load_digits, partition
+from gossip.tools.data import BatchStream, load_digits, partition
 
 ALGORITHMS = {"dsgd": "synchronous DSGD", "adpsgd": "asynchronous AD-PSGD"}
 
 
 @torch.no_grad()
 def training_loss(model, data) -> float:
+    """Mean cross-entropy of ``model`` on the whole training set."""
     return float(F.cross_entropy(model(data.x_train), data.y_train))
 
 
@@ -95,11 +97,13 @@ def mean_curve(logs: list[list[tuple[float, float]]], grid: np.ndarray) -> np.nd
 
 
 def time_to(grid: np.ndarray, curve: np.ndarray, target: float) -> float | None:
+    """The first grid time (s) at which ``curve`` is <= ``target``, or None if it never is."""
     reached = np.flatnonzero(curve <= target)
     return float(grid[reached[0]]) if len(reached) else None
 
 
 def summarise(results: dict, args) -> list[dict]:
+    """One row per (setting, algorithm): mean curve, time to target, steps per rank, final loss and accuracy."""
     rows = []
     grid = np.linspace(0.0, args.budget, 401)
     for (setting, name), runs in results.items():
@@ -107,7 +111,7 @@ def summarise(results: dict, args) -> list[dict]:
         times = [time_to(grid, c, args.target) for c in curves]
         reached = [t for t in times if t is not None]
         rows.append({"setting": setting, "algorithm": name, "curve": np.mean(curves, axis=0).tolist(),
-                     "time_to_target": float(np.mean(reached)) if reached else None,  # over the seeds that reached it
+                     "time_to_target": float(np.mean(reached)) if reached else None,  # over the runs that reached it
                      "reached": f"{len(reached)}/{len(times)}",
                      "steps_min": int(np.mean([min(r["steps"]) for r in runs])),
                      "steps_max": int(np.mean([max(r["steps"]) for r in runs])),
@@ -117,8 +121,9 @@ def summarise(results: dict, args) -> list[dict]:
 
 
 def print_table(rows: list[dict], args, n: int) -> None:
+    """Print the rows of :func:`summarise` as a table."""
     print(f"\nn = {n}, budget {args.budget:g} s, target loss {args.target:g}, slow ranks {args.slow_ranks} "
-          f"(+{1000 * args.slow_delay:g} ms/step), seeds {args.seeds}")
+          f"(+{1000 * args.slow_delay:g} ms/step), random seeds {args.seeds}")
     print(f"{'setting':<12} {'algorithm':<22} {'steps/rank':>13} {'time to target':>15} {'final loss':>11} "
           f"{'test acc':>9}")
     for row in rows:
@@ -131,6 +136,7 @@ def print_table(rows: list[dict], args, n: int) -> None:
 
 
 def plot(rows: list[dict], args, path: Path, n: int) -> None:
+    """Mean training loss against wall time (s), one panel per setting, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,6 +157,7 @@ def plot(rows: list[dict], args, path: Path, n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run both algorithms in both settings for every random seed; rank 0 prints and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=6.0, help="training seconds per run")
     parser.add_argument("--target", type=float, default=0.1, help="the training loss to reach")
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--eval-every", type=float, default=0.1, help="seconds of training between evaluations")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated random seeds, one run each")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     gossip.init()

@@ -1,20 +1,23 @@
-"""Seed 001 in miniature: asynchronous SGD with a parameter server, ASGD vs naive ASGDm vs OrMo vs OrMo-DA.
+"""Asynchronous SGD with a parameter server in miniature: ASGD vs naive ASGDm vs OrMo vs OrMo-DA.
 
 ``gossiprun -np 9 python benchmarks/async_server.py`` (1 server + 8 workers; then ``-np 5``)
 
-Rank 0 serves, the others are workers that compute gradients on their iid shard of scikit-learn's
-digits (offline) for a small MLP and exchange them for the newest parameters without waiting for
-each other (:mod:`algorithms.async_sgd`). Every method applies the same number of gradients
-(``--epochs`` passes over the training set by all workers together), from the same
-initialisation, in two settings as in the seed's table: homogeneous workers, and heterogeneous
-ones where ``--slow-fraction`` of the workers sleep ``--slow-delay`` seconds per gradient (their
-gradients arrive much staler). The momentum methods use β = ``--momentum``; each method's lr is
-tuned on the first seed of the homogeneous setting over ``--lrs`` (lowest final training loss)
-and held for the rest. Reports the server model's final training loss and test accuracy, mean ±
-std over ``--seeds``, in the seed's layout, with the mean and max staleness; writes
-``results/async-server-np<N>.json`` and a ``.png`` of training loss against wall time.
+The experiment of Shi, Yang and Li, "Ordered Momentum for Asynchronous SGD", NeurIPS 2024, on a
+small scale. Rank 0 serves, the others are workers that compute gradients on their iid shard of
+scikit-learn's digits (offline) for a small MLP and exchange them for the newest parameters without
+waiting for each other (:mod:`algorithms.async_sgd`). Every method applies the same number of
+gradients (``--epochs`` passes over the training set by all workers together), from the same
+initialisation, in the paper's two settings: homogeneous workers, and heterogeneous ones where
+``--slow-fraction`` of the workers sleep ``--slow-delay`` seconds per gradient (their gradients
+arrive much staler). The momentum methods use β = ``--momentum``; each method's lr is tuned on the
+first random seed of the homogeneous setting over ``--lrs`` (lowest final training loss) and held
+for the rest. Reports the server model's final training loss and test accuracy, mean ± std over
+the ``--seeds`` runs, one row per method and one column group per setting as in the paper's table,
+with the mean and max staleness; writes ``results/async-server-np<N>.json`` and a ``.png`` of
+training loss against wall time.
 
-Not compared: shifted momentum and SMEGA² (the seed's other two rows), which are not implemented.
+Not compared: the paper's two other baselines, shifted momentum (Giladi, Nacson, Hoffer and Soudry,
+ICLR 2020) and SMEGA² (Cohen, Hakimi and Schuster, ICPP 2022), which are not implemented.
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ from bench_support import accuracy, mlp
 
 import algorithms
 import gossip
-from gossip.data import BatchStream, load_digits, partition
+from gossip.tools.data import BatchStream, load_digits, partition
 
 METHODS = {"asgd": "ASGD", "asgdm": "naive ASGDm", "ormo": "OrMo", "ormo-da": "OrMo-DA"}
 
 
 @torch.no_grad()
 def training_loss(model, data) -> float:
+    """Mean cross-entropy of ``model`` on the whole training set."""
     return float(F.cross_entropy(model(data.x_train), data.y_train))
 
 
@@ -88,6 +92,7 @@ def _stats(values) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Tune each method's lr, run every method in both settings; the server prints and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=float, default=15)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--slow-fraction", type=float, default=0.25, help="share of the workers that are slow")
     parser.add_argument("--slow-delay", type=float, default=0.01, help="seconds a slow worker sleeps per gradient")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated random seeds, one run each")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     gossip.init()
@@ -136,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: dict, tuned: dict, tuning: dict, args, n: int) -> None:
+    """Print the table (loss, accuracy, staleness per method and setting) and write the JSON and plot."""
     workers = n - 1
     slow = round(args.slow_fraction * workers)
     print(f"\n{workers} workers + 1 server, {args.epochs:g} epochs, batch {args.batch_size}, β = {args.momentum}, "
-          f"seeds {args.seeds}; heterogeneous: {slow} of {workers} workers sleep {1000 * args.slow_delay:g} ms "
+          f"random seeds {args.seeds}; heterogeneous: {slow} of {workers} workers sleep {1000 * args.slow_delay:g} ms "
           f"per gradient")
     print("lr tuned per method on the first seed (homogeneous): "
           + ", ".join(f"{METHODS[m]} {lr:g}" for m, lr in tuned.items()))
@@ -171,6 +177,7 @@ def report(results: dict, tuned: dict, tuning: dict, args, n: int) -> None:
 
 
 def plot(results: dict, path: Path, workers: int) -> None:
+    """The server model's training loss against wall time (s), one panel per setting, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,16 +8,18 @@ import torch
 import torch.nn.functional as F
 
 import gossip
-from gossip.data import Split
+from gossip.tools.data import Split
 
 
 def mlp(features: int, hidden: int, classes: int) -> torch.nn.Module:
+    """Two hidden ReLU layers of width ``hidden``: input (batch, features), output logits (batch, classes)."""
     return torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(),
                                torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
 
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction (0 to 1) of the samples ``x`` (batch, features) whose arg-max logit is the label ``y``."""
     return float((model(x).argmax(1) == y).float().mean())
 
 

@@ -1,13 +1,15 @@
-"""Seed 002's claim on full-batch linear regression with heterogeneous data: momentum's limiting bias.
+"""Momentum's limiting bias on full-batch linear regression with heterogeneous data: DSGD, DmSGD, DecentLaM.
 
 ``gossiprun -np 8 python benchmarks/bias.py``. Rank i holds its own least-squares problem
 ``f_i(x) = ||A_i x - b_i||^2 / (2 m)`` whose minimiser differs from rank to rank (heterogeneous
 data); x* minimises the average. Every algorithm runs full batch (no gradient noise, so what
 remains is the inconsistency bias) on a ring with the same learning rate, through the real
 optimizers and ``neighbor_allreduce``. Printed: the mean squared distance ``(1/n) sum_i
-||x_i - x*||^2`` at the end and how fast each gets there; the DecentLaM paper predicts DmSGD's
-bias about ``1/(1 - beta)^2`` times DSGD's and DecentLaM's close to DSGD's, with DecentLaM as fast
-as DmSGD. Writes ``results/bias-np<N>.json`` and ``results/bias-np<N>.png``.
+||x_i - x*||^2`` at the end and how fast each gets there. The claim tested is that of
+Yuan, Chen, Huang, Zhang, Pan, Xu and Yin, "DecentLaM: Decentralized Momentum SGD for
+Large-Batch Deep Training", ICCV 2021: DmSGD's bias is about ``1/(1 - beta)^2`` times DSGD's, DecentLaM's is close to
+DSGD's, and DecentLaM is as fast as DmSGD. Writes ``results/bias-np<N>.json`` and
+``results/bias-np<N>.png``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def problem(rank: int, n: int, dim: int, rows: int, spread: float, seed: int):
 
 
 def run(name: str, hyper: dict, a: torch.Tensor, b: torch.Tensor, x_star: np.ndarray, steps: int) -> list[float]:
+    """Collective: ``steps`` full-batch steps of optimizer ``name`` on a ring from x = 0 (float64, shape (d,));
+    returns ``(1/n) sum_i ||x_i - x*||^2`` after each step."""
     x = torch.nn.Parameter(torch.zeros(a.shape[1], dtype=torch.float64))
     opt = algorithms.create(name, [x], topology=topologies.ring(gossip.size()), **hyper)
     target = torch.from_numpy(x_star)
@@ -57,6 +61,7 @@ def run(name: str, hyper: dict, a: torch.Tensor, b: torch.Tensor, x_star: np.nda
 
 
 def main() -> int:
+    """Run DSGD, DmSGD and DecentLaM on the same problem; rank 0 prints the table and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=0.01)

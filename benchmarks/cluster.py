@@ -1,6 +1,6 @@
 """Gossip against allreduce on emulated clusters: primitives and training throughput per cluster shape and link rate.
 
-``python benchmarks/cluster.py`` (root, Linux: :mod:`gossip.emulate`) runs, for every
+``python benchmarks/cluster.py`` (root, Linux: :mod:`gossip.tools.emulate`) runs, for every
 ``--shapes`` (machines x ranks) and ``--rates`` (each machine's link, both ways), on an emulated
 cluster started by ``gossiprun --emulate``:
 
@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def run(shape: str, rate: str, script: str, args: list[str], timeout: float) -> str:
-    cmd = [sys.executable, "-m", "gossip.launch", "--emulate", shape, "--link", rate, sys.executable,
+    """Run ``script`` under ``gossiprun --emulate shape --link rate`` (at most ``timeout`` s); its output."""
+    cmd = [sys.executable, "-m", "gossip.tools.launch", "--emulate", shape, "--link", rate, sys.executable,
            str(HERE / script), *args]
     began = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -42,6 +43,7 @@ def run(shape: str, rate: str, script: str, args: list[str], timeout: float) -> 
 
 
 def summarize_primitives(path: Path) -> dict:
+    """From a primitives JSON: link shares and ratios to raw MPI at the largest size, allreduce times (µs)."""
     rows = json.loads(path.read_text())["rows"]
     big = max(r["bytes"] for r in rows)
     out = {"bytes": big}
@@ -58,6 +60,7 @@ def summarize_primitives(path: Path) -> dict:
 
 
 def summarize_throughput(path: Path) -> dict:
+    """From a throughput JSON: samples/s per rank per method, the best gossip method and its ratios."""
     results = json.loads(path.read_text())["results"]
     by = {r["method"]: r["per_rank_mean"] for r in results}
     ddp = by.get("DDP (gloo)")
@@ -70,6 +73,7 @@ def summarize_throughput(path: Path) -> dict:
 
 
 def main() -> int:
+    """Run every shape and rate; print and write the summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="2x2,4x1,4x2,8x1")
     parser.add_argument("--rates", default="100mbit,250mbit,1gbit")

@@ -23,12 +23,12 @@ import torch
 
 import gossip
 import topologies
-from gossip.probing import slowest_median
+from gossip.plan.probing import slowest_median
 
 
 def timed(call, repeats: int) -> float:
     """The slowest rank's median seconds per call (after one warm-up call), as the probe times ops."""
-    return slowest_median(gossip.context.current().comm, call, repeats)
+    return slowest_median(gossip.runtime.current().comm, call, repeats)
 
 
 def plans(x: torch.Tensor, rank: int, one_peer, machines, degree: int) -> dict:
@@ -50,6 +50,7 @@ def plans(x: torch.Tensor, rank: int, one_peer, machines, degree: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Probe, time every plan at every size; rank 0 prints predicted vs measured and writes the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1e3,1e4,1e5,1e6,1e7,1e8", help="message sizes in bytes")
     parser.add_argument("--repeats", type=int, default=10)

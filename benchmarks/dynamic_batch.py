@@ -1,20 +1,25 @@
-"""Seed 004 in miniature: CR-PSGD reaches fixed-batch parallel SGD's loss with O(log T) communication rounds.
+"""CR-PSGD in miniature: it reaches fixed-batch parallel SGD's loss with O(log T) communication rounds.
 
-``gossiprun -np 8 python benchmarks/dynamic_batch.py``. A PL problem: L2-regularised softmax
+``gossiprun -np 8 python benchmarks/dynamic_batch.py``. The claim of Yu and Jin, "On the
+Computation and Communication Complexity of Parallel SGD with Dynamic Batch Sizes for Stochastic
+Non-Convex Optimization", ICML 2019, on a small scale. A PL problem: L2-regularised softmax
 regression (strongly convex, hence PL) on scikit-learn's digits, iid across the ranks, in float64.
 f* is computed once by full-batch L-BFGS. For each per-worker sample budget T of ``--budgets``:
 
 * parallel SGD with a fixed per-worker batch B₁ (``pmsgd`` without momentum): T / B₁ rounds;
 * parallel SGD with a fixed large batch (``--large-batch``): T / B_large rounds;
-* CR-PSGD (B₁, growth ρ): batch ⌊ρ^{t−1} B₁⌋, about log_ρ(T (ρ − 1)/B₁) rounds; by default
-  ρ = 1/(1 − γλ), so the sampling error shrinks as fast as gradient descent's error contracts
-  (λ bounds the PL constant from below; our choice, in the spirit of the paper's analysis);
+* CR-PSGD (B₁, growth ρ): batch ⌊ρ^{t−1} B₁⌋, about log_ρ(T (ρ − 1)/B₁) rounds;
 * CR-PSGD-Catalyst (θ): ⌊√(NT)⌋ rounds of CR-PSGD on the proximal problem.
 
-All with the same step size γ and the same budget, over ``--seeds``. Prints, per T: rounds, final
-suboptimality f(x) − f* (mean ± std over seeds) and the rounds each method needs to reach
-fixed-batch SGD's final suboptimality; then the growth of rounds with T. Plots suboptimality vs
-rounds and vs samples for the largest T. Writes ``results/dynamic-batch-np<N>.json`` and ``.png``.
+The paper leaves the growth ρ > 1 free; by default we take ρ = 1/(1 − γλ) (λ bounds the PL
+constant from below), so that the sampling error shrinks as fast as gradient descent's error
+contracts, in the spirit of the paper's analysis.
+
+All with the same step size γ and the same budget, over the random seeds of ``--seeds``. Prints,
+per T: rounds, final suboptimality f(x) − f* (mean ± std over the random seeds) and the rounds each
+method needs to reach fixed-batch SGD's final suboptimality; then the growth of rounds with T.
+Plots suboptimality vs rounds and vs samples for the largest T. Writes
+``results/dynamic-batch-np<N>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 
 import algorithms
 import gossip
-from gossip.data import BatchStream, load_digits, partition
+from gossip.tools.data import BatchStream, load_digits, partition
 
 
 def objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
@@ -85,6 +90,7 @@ def run(name: str, hyper: dict, args, x_all, y_all, shard, seed: int, f_star: fl
 
 
 def rounds_to_reach(curve: list, target: float) -> int | None:
+    """The first round count in ``curve`` ((rounds, samples, f(x) − f*) tuples) whose gap is <= ``target``, or None."""
     for rounds, _, gap in curve:
         if gap <= target:
             return rounds
@@ -92,6 +98,7 @@ def rounds_to_reach(curve: list, target: float) -> int | None:
 
 
 def main() -> int:
+    """Run every method at every budget and random seed; rank 0 prints the tables and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="500,2000,8000", help="per-worker sample budgets T")
     parser.add_argument("--first-batch", type=int, default=4, help="B1, also fixed-batch SGD's batch")
@@ -101,7 +108,7 @@ def main() -> int:
     parser.add_argument("--theta", type=float, default=0.5, help="CR-PSGD-Catalyst's proximal weight")
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--l2", type=float, default=0.1, help="λ: the problem is λ-strongly convex")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated random seeds, one run each")
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -140,7 +147,7 @@ def main() -> int:
                 results.append({"method": label, "budget": budget, "seed": seed, **outcome})
     if rank == 0:
         print(f"softmax regression on digits, λ = {args.l2}, n = {n} workers, γ = {args.lr}, f* = {f_star:.6f}; "
-              f"mean ± std over {len(seeds)} seeds ({time.perf_counter() - began:.0f} s)")
+              f"mean ± std over {len(seeds)} random seeds ({time.perf_counter() - began:.0f} s)")
         reference = f"PSGD, batch {args.first_batch}"
         for budget in budgets:
             print(f"\nper-worker budget T = {budget} samples")
@@ -172,6 +179,7 @@ def main() -> int:
 
 
 def plot(results: list[dict], methods: dict, budget: int, path: Path, n: int) -> None:
+    """f(x) − f* against communication rounds and against samples per worker, at ``budget``, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")

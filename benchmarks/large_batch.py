@@ -1,16 +1,17 @@
-"""Seed 002's large-batch table in miniature: test accuracy of decentralized momentum methods vs PmSGD.
+"""Large-batch training in miniature: test accuracy of decentralized momentum methods vs PmSGD.
 
-``gossiprun -np 8 python benchmarks/large_batch.py``. A real dataset that ships offline
+``gossiprun -np 8 python benchmarks/large_batch.py``. The large-batch table of Yuan, Chen, Huang,
+Zhang, Pan, Xu and Yin, "DecentLaM: Decentralized Momentum SGD for Large-Batch Deep Training", ICCV
+2021, on a small scale. A real dataset that ships offline
 (scikit-learn's digits by default, or ``--dataset mnist1d``), label-skewed across the ranks with
 Dirichlet(α) class shares, a small MLP, and per-rank batches so large that an epoch is a few steps.
 Every method gets the same model initialisation, data order, learning-rate schedule (linear
-warm-up, linear scaling with the total batch, step decay) and topology, for several seeds and
-per-rank batch sizes. Printed, in the layout of the DecentLaM paper's table (Yuan et al., ICCV
-2021): final test accuracy of the averaged model, mean ± std over seeds, one column per total
-batch; then the mean accuracy of the ranks' own models and the final consensus distance. The
-paper's claim: with large batches DmSGD loses accuracy to PmSGD (momentum amplifies the
-inconsistency bias), DecentLaM does not. Writes ``results/large_batch-<dataset>-np<N>.json`` and
-``.png``.
+warm-up, linear scaling with the total batch, step decay) and topology, for several random seeds
+(``--seeds``) and per-rank batch sizes. Printed, in the layout of the paper's table: final test
+accuracy of the averaged model, mean ± std over the random seeds, one column per total batch; then
+the mean accuracy of the ranks' own models and the final consensus distance. The paper's claim:
+with large batches DmSGD loses accuracy to PmSGD (momentum amplifies the inconsistency bias),
+DecentLaM does not. Writes ``results/large_batch-<dataset>-np<N>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from bench_support import final_measurements, mlp
 import algorithms
 import gossip
 import topologies
-from gossip.data import BatchStream, Split, load_digits, load_mnist1d, partition
+from gossip.tools.data import BatchStream, Split, load_digits, load_mnist1d, partition
 
 # label -> registry name; every method gets the same lr schedule, momentum β and topology; LARS
 # adds its trust coefficient η and Gossip-PGA its period H
@@ -58,6 +59,7 @@ def ring(n: int, self_weight: float):
 
 
 def make_topology(name: str, n: int, self_weight: float):
+    """The ``--topology`` graph on n ranks: ``ring`` (with W_ii = ``self_weight``), ``symmetric-exp`` or ``exp2``."""
     if name == "ring":
         return ring(n, self_weight)
     if name == "symmetric-exp":
@@ -85,7 +87,7 @@ def run(label: str, args, data: Split, shard: np.ndarray, topology, per_rank_bat
         hyper["share_momentum"] = True
     if label.startswith("Gossip-PGA"):
         hyper["global_avg_every"] = args.global_avg_every
-    if name != "pmsgd":
+    if algorithms.spec(name).takes_topology:
         hyper["topology"] = topology
     torch.manual_seed(seed)
     model = mlp(data.x_train.shape[1], args.hidden, data.num_classes)
@@ -110,6 +112,7 @@ def run(label: str, args, data: Split, shard: np.ndarray, topology, per_rank_bat
 
 
 def summarise(results: list[dict], key: str, scale: float = 100.0, fmt: str = "{:6.2f} ± {:4.2f}") -> list[str]:
+    """Table lines: one row per method, one column per total batch, ``key`` × ``scale`` as mean ± std."""
     batches = sorted({r["total_batch"] for r in results})
     lines = [f"{'method':<20}" + "".join(f"{f'total batch {b}':>20}" for b in batches)]
     for label in dict.fromkeys(r["method"] for r in results):
@@ -122,6 +125,7 @@ def summarise(results: list[dict], key: str, scale: float = 100.0, fmt: str = "{
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
+    """Test accuracy (%) of the averaged model against total batch size, one line per method, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,6 +151,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> int:
+    """Run every method for every batch size and random seed; rank 0 prints the tables and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits")
     parser.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the label skew")
@@ -161,7 +166,7 @@ def main() -> int:
     parser.add_argument("--topology", choices=["ring", "symmetric-exp", "exp2"], default="ring")
     parser.add_argument("--self-weight", type=float, default=0.4, help="ring: W_ii (D² needs λ_min(W) > −1/3)")
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated random seeds, one run each")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated labels of METHODS")
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
@@ -188,8 +193,8 @@ def main() -> int:
     if rank == 0:
         title = (f"{args.dataset}, Dirichlet alpha={args.alpha}, n={n}, {args.topology}, {args.epochs:g} epochs, "
                  f"momentum {args.momentum}")
-        print(f"\n{title}; seeds {args.seeds}")
-        print("test accuracy of the averaged model (%), mean ± std over seeds")
+        print(f"\n{title}; random seeds {args.seeds}")
+        print("test accuracy of the averaged model (%), mean ± std over the random seeds")
         print("\n".join(summarise(results, "averaged_accuracy")))
         print("\nmean test accuracy of the ranks' own models (%)")
         print("\n".join(summarise(results, "rank_accuracy")))

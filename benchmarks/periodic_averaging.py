@@ -1,21 +1,24 @@
-"""Seeds 000 and 003 in miniature: MAVG vs K-AVG at equal samples, and SlowMo vs its base at equal steps.
+"""MAVG vs K-AVG at equal samples, and SlowMo vs its base at equal steps, in miniature.
 
 ``gossiprun -np 8 python benchmarks/periodic_averaging.py`` (then again with ``-np 4`` to see how the
 best μ moves with n). Scikit-learn's digits (offline), iid across the ranks, a small MLP, constant
-learning rate, every run from the same initialisation and data order for a given seed.
+learning rate, every run from the same initialisation and data order for a given random seed.
 
-* ``--experiment mavg`` (seed 000: Cong & Liu, MLHPC 2020): plain local SGD with averaging every K
+* ``--experiment mavg`` (Cong and Liu, "Accelerate Distributed Stochastic Descent for Nonconvex
+  Optimization with Momentum", MLHPC workshop at SC 2020): plain local SGD with averaging every K
   steps (K-AVG, μ = 0) and MAVG's meta momentum μ > 0, for each K of ``--periods`` and μ of
   ``--mus``, all for the same number of epochs (equal samples: S = n·B·K·meta-steps fixed). Prints
-  the final training loss of the averaged model (mean ± std over seeds) as a K × μ table, the
-  best μ for each K, and the test accuracy. The lr is tuned for K-AVG (per K, from ``--lrs``, on
-  the first seed) and then held for every μ, so that μ > 0 cannot win by a larger step alone.
-  The seed's claims: the best μ is > 0; it grows with n; with momentum a smaller K is best.
-* ``--experiment slowmo`` (seed 003: Wang et al., ICLR 2020): SlowMo (α = 1, β in ``--betas``)
-  over local SGD with local momentum 0.9 and over DSGD on a ring, against the bare base (local
-  SGD is its own β = 0 case; for DSGD β = 0 means "DSGD with an exact average every τ steps",
-  and the bare base never averages), at equal steps, with the lr tuned for the bare base. The
-  seed's claim: SlowMo improves the base's optimization and generalization.
+  the final training loss of the averaged model (mean ± std over the ``--seeds`` runs) as a K × μ
+  table, the best μ for each K, and the test accuracy. The lr is tuned for K-AVG (per K, from
+  ``--lrs``, on the first random seed) and then held for every μ, so that μ > 0 cannot win by a
+  larger step alone. The paper's claims: the best μ is > 0; it grows with n; with momentum a
+  smaller K is best.
+* ``--experiment slowmo`` (Wang, Tantia, Ballas and Rabbat, "SlowMo: Improving
+  Communication-Efficient Distributed SGD with Slow Momentum", ICLR 2020): SlowMo (α = 1, β in
+  ``--betas``) over local SGD with local momentum 0.9 and over DSGD on a ring, against the bare
+  base (local SGD is its own β = 0 case; for DSGD β = 0 means "DSGD with an exact average every τ
+  steps", and the bare base never averages), at equal steps, with the lr tuned for the bare base.
+  The paper's claim: SlowMo improves the base's optimization and generalization.
 
 Writes ``results/periodic-<experiment>-np<N>.json`` and a ``.png``.
 """
@@ -35,7 +38,7 @@ from bench_support import final_measurements, mlp
 import algorithms
 import gossip
 import topologies
-from gossip.data import BatchStream, load_digits, partition
+from gossip.tools.data import BatchStream, load_digits, partition
 
 
 def train(name: str, hyper: dict, args, data, shard, seed: int, lr: float) -> dict:
@@ -57,8 +60,8 @@ def train(name: str, hyper: dict, args, data, shard, seed: int, lr: float) -> di
 
 
 def tuned_lr(name: str, hyper: dict, args, data, shards) -> float:
-    """The lr of ``--lrs`` with the lowest final training loss for ``name`` on the first seed (a
-    diverged run counts as infinite loss)."""
+    """The lr of ``--lrs`` with the lowest final training loss for ``name`` on the first random seed
+    (a diverged run counts as infinite loss)."""
     seed, shard = shards[0]
     losses = []
     for lr in map(float, args.lrs.split(",")):
@@ -73,6 +76,7 @@ def _stats(values: list[float], scale: float = 1.0) -> tuple[float, float]:
 
 
 def mavg_experiment(args, data, shards) -> dict:
+    """Collective: K-AVG and MAVG for every K × μ and random seed; prints the tables on rank 0."""
     periods = [int(k) for k in args.periods.split(",")]
     mus = [float(m) for m in args.mus.split(",")]
     results, lrs = [], {}
@@ -93,7 +97,7 @@ def mavg_experiment(args, data, shards) -> dict:
                                        ("averaged_accuracy", "test accuracy (%) of the averaged model", 100.0,
                                         "{:5.2f} ± {:4.2f}")):
             print(f"\n{label}, n = {n}, {args.epochs:g} epochs, batch {args.batch_size} per rank, lr tuned for "
-                  f"K-AVG from {args.lrs}, mean ± std over {len(shards)} seeds")
+                  f"K-AVG from {args.lrs}, mean ± std over {len(shards)} random seeds")
             print(f"{'K':>4}{'lr':>6}" + "".join(f"{'K-AVG' if mu == 0 else f'μ = {mu:g}':>20}" for mu in mus)
                   + f"{'best μ':>10}")
             for period in periods:
@@ -108,6 +112,7 @@ def mavg_experiment(args, data, shards) -> dict:
 
 
 def slowmo_experiment(args, data, shards) -> dict:
+    """Collective: SlowMo for every β over each base, and the bare bases; prints the tables on rank 0."""
     n = gossip.size()
     betas = [float(b) for b in args.betas.split(",")]
     ring = topologies.ring(n) if n > 2 else topologies.fully_connected(n)
@@ -131,7 +136,7 @@ def slowmo_experiment(args, data, shards) -> dict:
                                         "{:5.2f} ± {:4.2f}")):
             print(f"\n{label}, n = {n}, τ = {args.period}, {args.epochs:g} epochs (equal steps), batch "
                   f"{args.batch_size} per rank, lr tuned for the bare base from {args.lrs}, mean ± std over "
-                  f"{len(shards)} seeds")
+                  f"{len(shards)} random seeds")
             print(f"{'base':<26}{'lr':>6}" + "".join(f"{'bare base' if b is None else f'SlowMo β = {b:g}':>20}"
                                             for b in columns))
             for base in bases:
@@ -144,6 +149,7 @@ def slowmo_experiment(args, data, shards) -> dict:
 
 
 def plot(summary: dict, path: Path, n: int) -> None:
+    """Final training loss against μ (per K) or β (per base), mean ± std over the random seeds, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,6 +186,7 @@ def plot(summary: dict, path: Path, n: int) -> None:
 
 
 def main() -> int:
+    """Run the experiments of ``--experiment``; rank 0 prints and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", choices=["mavg", "slowmo", "all"], default="all")
     parser.add_argument("--epochs", type=float, default=10)
@@ -191,7 +198,7 @@ def main() -> int:
     parser.add_argument("--mus", default="0,0.2,0.4,0.6,0.8", help="mavg: meta momenta (0 = K-AVG)")
     parser.add_argument("--period", type=int, default=8, help="slowmo: τ")
     parser.add_argument("--betas", default="0,0.2,0.4,0.6,0.8", help="slowmo: slow momenta")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated random seeds, one run each")
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
     torch.set_num_threads(1)

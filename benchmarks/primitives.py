@@ -57,6 +57,7 @@ MPI_LIBRARY = MPI.Get_library_version().split("\x00")[0].splitlines()[0]  # Open
 
 
 def parse_size(text: str) -> int:
+    """Bytes in a size such as ``64K``, ``1M``, ``100MB`` or ``4096`` (K, M, G are powers of 1024)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = text.strip().upper().rstrip("B")
     if text and text[-1] in units:
@@ -82,6 +83,7 @@ def time_per_op(comm: MPI.Comm, op: Callable[[int], object], iterations: int, wa
 
 
 def raw_neighbor_allgather(comm: MPI.Comm, graph, x: np.ndarray) -> tuple[Callable[[int], object], MPI.Comm]:
+    """Raw ``Neighbor_allgather`` of ``x`` on a dist-graph communicator of ``graph``: (op, communicator to free)."""
     rank = comm.rank
     sources = sorted(j for j in graph.predecessors(rank) if j != rank)
     destinations = sorted(i for i in graph.successors(rank) if i != rank)
@@ -91,6 +93,7 @@ def raw_neighbor_allgather(comm: MPI.Comm, graph, x: np.ndarray) -> tuple[Callab
 
 
 def raw_one_peer(comm: MPI.Comm, dynamic: topologies.OnePeerExponentialTwo, x: np.ndarray) -> Callable[[int], object]:
+    """Raw ``Sendrecv`` of ``x`` with the step's one-peer exponential-2 peers."""
     recv = np.empty_like(x)
 
     def op(step: int) -> None:
@@ -103,6 +106,7 @@ def raw_one_peer(comm: MPI.Comm, dynamic: topologies.OnePeerExponentialTwo, x: n
 
 
 def ours_one_peer(dynamic: topologies.OnePeerExponentialTwo, x: torch.Tensor, out: torch.Tensor):
+    """``gossip.neighbor_allreduce`` of ``x`` into ``out`` with the step's one-peer exponential-2 peers."""
     rank = gossip.rank()
     steps = [dynamic.peers(step, rank) for step in range(dynamic.period)]
 
@@ -115,12 +119,14 @@ def ours_one_peer(dynamic: topologies.OnePeerExponentialTwo, x: torch.Tensor, ou
 
 
 def raw_fixed_peer(comm: MPI.Comm, distance: int, x: np.ndarray) -> Callable[[int], object]:
+    """Raw ``Sendrecv`` of ``x``: send to rank + ``distance``, receive from rank − ``distance``."""
     recv = np.empty_like(x)
     dst, src = (comm.rank + distance) % comm.size, (comm.rank - distance) % comm.size
     return lambda step: comm.Sendrecv(x, dest=dst, recvbuf=recv, source=src)
 
 
 def ours_fixed_peer(distance: int, x: torch.Tensor, out: torch.Tensor) -> Callable[[int], object]:
+    """``gossip.neighbor_allreduce`` of ``x`` with rank ± ``distance`` (weight 1/2 each), into ``out``."""
     n, rank = gossip.size(), gossip.rank()
     src, dst = {(rank - distance) % n: 0.5}, {(rank + distance) % n: 1.0}
     return lambda step: gossip.neighbor_allreduce(x, self_weight=0.5, src_weights=src, dst_weights=dst, out=out)
@@ -128,7 +134,7 @@ def ours_fixed_peer(distance: int, x: torch.Tensor, out: torch.Tensor) -> Callab
 
 def raw_hierarchical(x: np.ndarray) -> Callable[[int], object]:
     """The raw MPI calls hierarchical averaging makes: machine Allreduce, leaders' one-peer Sendrecv, machine Bcast."""
-    rt = gossip.context.current()
+    rt = gossip.runtime.current()
     local, leaders = rt.local_comm, rt.leaders_comm
     family = topologies.OnePeerExponentialTwo(rt.machine_size)
     mean, recv = np.empty_like(x), np.empty_like(x)
@@ -146,6 +152,7 @@ def raw_hierarchical(x: np.ndarray) -> Callable[[int], object]:
 
 
 def raw_iallreduce(comm: MPI.Comm, x: np.ndarray, into: np.ndarray) -> Callable[[int], object]:
+    """Raw ``Iallreduce`` (sum) of ``x`` into ``into``, waited for at once."""
     return lambda step: comm.Iallreduce(x, into).Wait()
 
 
@@ -182,6 +189,7 @@ def synced(op: Callable[[int], object]) -> Callable[[int], object]:
 
 
 def measure_size(comm: MPI.Comm, nbytes: int, args: argparse.Namespace) -> list[dict]:
+    """Collective: one row (times in µs, ratio to raw, link share) per op and variant at ``nbytes``."""
     n = comm.size
     numel = max(1, nbytes // 4)
     iterations = iterations_for(nbytes, parse_size(args.budget))
@@ -276,6 +284,7 @@ def measure_size(comm: MPI.Comm, nbytes: int, args: argparse.Namespace) -> list[
 
 
 def format_bytes(nbytes: int) -> str:
+    """``nbytes`` as ``'4 KB'``, ``'1 MB'`` or ``'100 B'`` (powers of 1024)."""
     for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
         if nbytes >= scale:
             return f"{nbytes / scale:g} {unit}"
@@ -283,6 +292,7 @@ def format_bytes(nbytes: int) -> str:
 
 
 def main() -> None:
+    """Measure every size; rank 0 prints the table and writes the JSON rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated sizes (default {DEFAULT_SIZES})")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per case; the median is kept")

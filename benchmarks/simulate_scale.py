@@ -2,16 +2,17 @@
 
 ``python benchmarks/simulate_scale.py`` (no MPI needed)
 
-For ResNet-50 (25.5 M parameters) and BERT-large (300 M, the seed's figure), float32 (4 bytes a
-parameter), on 8 to 1024 GPUs (8 per machine, NVLink inside), predicts one iteration's
-communication with :mod:`gossip.cost_model` for ring allreduce and three partial-averaging plans:
-static exponential-2, one-peer exponential-2 and hierarchical (machine average, one-peer
-exponential-2 between machines), and what :class:`gossip.Scheduler` would pick (no compute
-time). The cluster profiles (``gossip.profiles``) document their values and sources.
+For ResNet-50 (25.5 M parameters) and BERT-large (300 M, the size the paper below gives), float32
+(4 bytes a parameter), on 8 to 1024 GPUs (8 per machine, NVLink inside), predicts one iteration's
+communication with :mod:`gossip.plan.cost_model` for ring allreduce and three partial-averaging
+plans: static exponential-2, one-peer exponential-2 and hierarchical (machine average, one-peer
+exponential-2 between machines), and what :class:`gossip.Scheduler` would pick (no compute time). The cluster profiles
+(``gossip.plan.profiles``) document their values and sources.
 
-Then compares with seed 002's measurement on 256 GPUs (Chen, Yuan et al., ICML 2021, the
-Gossip-PGA paper: ResNet-50 278 ms ring allreduce vs 150 ms partial average; BERT 1469 vs 567 ms)
-and prints predicted/measured for each profile. Writes ``results/simulate-scale.json`` and a plot of
+Then compares with the communication times per iteration measured on 256 GPUs by Chen, Yuan, Zhang,
+Pan, Xu and Yin, "Accelerating Gossip SGD with Periodic Global Averaging", ICML 2021 (ResNet-50:
+278 ms ring allreduce vs 150 ms partial average; BERT: 1469 vs 567 ms), and prints
+predicted/measured for each profile. Writes ``results/simulate-scale.json`` and a plot of
 time per iteration against GPU count (``results/simulate-scale.png``).
 """
 
@@ -21,17 +22,20 @@ import argparse
 import json
 from pathlib import Path
 
-from gossip.profiles import cluster_profile, profile_names
-from gossip.scheduler import rank_candidates
+from gossip.plan.profiles import cluster_profile, profile_names
+from gossip.plan.scheduler import rank_candidates
 
 MODELS = {"ResNet-50": 25.5e6 * 4, "BERT-large": 300e6 * 4}
-SEED_256 = {"ResNet-50": {"ring allreduce": 0.278, "partial average": 0.150},
-            "BERT-large": {"ring allreduce": 1.469, "partial average": 0.567}}
+# seconds of communication per iteration on 256 GPUs, as measured by Chen, Yuan et al., ICML 2021
+PAPER_256 = {"ResNet-50": {"ring allreduce": 0.278, "partial average": 0.150},
+             "BERT-large": {"ring allreduce": 1.469, "partial average": 0.567}}
 PLANS = ("ring allreduce", "static exponential-2", "one-peer exponential-2", "hierarchical")
 GPU_COUNTS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def predict(profile: str, model_bytes: float, gpus: int) -> dict:
+    """Predicted seconds per iteration of each plan in :data:`PLANS` for ``model_bytes`` on ``gpus`` GPUs of
+    ``profile``, and (key ``"scheduler"``) the plan :func:`gossip.plan.scheduler.rank_candidates` picks."""
     cost = cluster_profile(profile, gpus)
     row = {"ring allreduce": cost.ring_allreduce(model_bytes), "static exponential-2": cost.exponential(model_bytes),
            "one-peer exponential-2": cost.one_peer(model_bytes), "hierarchical": cost.hierarchical(model_bytes)}
@@ -40,22 +44,27 @@ def predict(profile: str, model_bytes: float, gpus: int) -> dict:
     return row
 
 
-def compare_with_seed(table: dict) -> list[str]:
-    lines = ["", "256 GPUs against seed 002's measurement (predicted / measured):"]
+def compare_with_paper(table: dict) -> list[str]:
+    """Lines comparing the 256-GPU predictions of ``table`` with the measurements of :data:`PAPER_256`."""
+    lines = ["", "256 GPUs against the measurement of Chen, Yuan et al., ICML 2021 (predicted / measured):"]
     for profile, models in table.items():
         for model, rows in models.items():
-            row, seed = rows["256"], SEED_256[model]
+            row, paper = rows["256"], PAPER_256[model]
             best = min(PLANS[1:], key=lambda p: row[p])
             partial = row[best]
             lines.append(f"  {profile:<26} {model:<10} ring {row['ring allreduce'] * 1e3:7.1f} ms / "
-                         f"{seed['ring allreduce'] * 1e3:.0f} = {row['ring allreduce'] / seed['ring allreduce']:.2f}; "
-                         f"best partial ({best}) {partial * 1e3:7.1f} ms / {seed['partial average'] * 1e3:.0f} = "
-                         f"{partial / seed['partial average']:.2f}; ring/partial {row['ring allreduce'] / partial:.2f}"
-                         f" (seed {seed['ring allreduce'] / seed['partial average']:.2f})")
+                         f"{paper['ring allreduce'] * 1e3:.0f} = "
+                         f"{row['ring allreduce'] / paper['ring allreduce']:.2f}; "
+                         f"best partial ({best}) {partial * 1e3:7.1f} ms / {paper['partial average'] * 1e3:.0f} = "
+                         f"{partial / paper['partial average']:.2f}; ring/partial {row['ring allreduce'] / partial:.2f}"
+                         f" (paper {paper['ring allreduce'] / paper['partial average']:.2f})")
     return lines
 
 
+
+
 def plot(table: dict, path: Path) -> None:
+    """Communication per iteration (ms) against GPU count, one panel per model, with the paper's points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,9 +78,9 @@ def plot(table: dict, path: Path) -> None:
             for plan in PLANS:
                 ax.plot(GPU_COUNTS, [models[model][str(g)][plan] * 1e3 for g in GPU_COUNTS], styles.get(profile, "-"),
                         color=colours[plan], marker="o", markersize=3, label=f"{plan} ({profile})")
-        for plan, seconds in SEED_256[model].items():
+        for plan, seconds in PAPER_256[model].items():
             ax.plot([256], [seconds * 1e3], "*", markersize=12, color="red" if plan == "ring allreduce" else "purple",
-                    label=f"seed 002, 256 GPUs: {plan}")
+                    label=f"Chen, Yuan et al. 2021, 256 GPUs: {plan}")
         ax.set(xscale="log", yscale="log", xlabel="GPUs (8 per machine)", ylabel="communication per iteration (ms)",
                title=f"{model} ({MODELS[model] / 4e6:.1f} M parameters, float32)")
         ax.set_xticks(GPU_COUNTS, [str(g) for g in GPU_COUNTS])
@@ -82,6 +91,7 @@ def plot(table: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the tables and the comparison; write the JSON and (unless ``--no-plot``) the plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profiles", default=",".join(profile_names()), help="comma-separated profile names")
     parser.add_argument("--out", type=Path, default=Path("results"))
@@ -96,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'GPUs':>6}" + "".join(f"{p:>24}" for p in PLANS) + "   scheduler picks")
             for gpus, row in rows.items():
                 print(f"{gpus:>6}" + "".join(f"{row[p] * 1e3:>24.1f}" for p in PLANS) + f"   {row['scheduler']}")
-    print("\n".join(compare_with_seed(table)))
+    print("\n".join(compare_with_paper(table)))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "simulate-scale.json").write_text(json.dumps({"models_bytes": MODELS, "seed_256": SEED_256,
+    (args.out / "simulate-scale.json").write_text(json.dumps({"models_bytes": MODELS, "paper_256": PAPER_256,
                                                               "predicted_seconds": table}, indent=1))
     if not args.no_plot:
         plot(table, args.out / "simulate-scale.png")

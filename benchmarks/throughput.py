@@ -16,7 +16,7 @@ run, one after the other on the same ranks:
   a non-loopback one, else the first non-loopback IPv4 address of rank 0's interfaces).
 
 Run it on an emulated cluster to see a network: ``gossiprun --emulate 4x1 --link 250mbit python
-benchmarks/throughput.py ...`` (:mod:`gossip.emulate`).
+benchmarks/throughput.py ...`` (:mod:`gossip.tools.emulate`).
 
 ``--device cuda`` puts each rank's model and data on GPU ``local rank mod GPUs`` and synchronises
 the device before reading the clock.
@@ -47,6 +47,8 @@ import topologies
 
 
 class ResidualBlock(torch.nn.Module):
+    """Two 3x3 convolutions with batch norm and a skip connection; (batch, channels, H, W) in and out."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
@@ -200,6 +202,7 @@ def topology_for(name: str, args):
 
 
 def main() -> int:
+    """Run every method, then the baselines; rank 0 prints the tables and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["mlp", "resnet"], default="mlp")
     parser.add_argument("--width", type=int, default=1024, help="MLP hidden width / ResNet channels")
@@ -235,12 +238,12 @@ def main() -> int:
     schedules = {}
     for algorithm in names:
         hyper = {"lr": 0.01}
-        if algorithm in ("slowmo", "bmuf"):
+        outer = algorithms.spec(algorithm).needs_base
+        if outer:
             hyper["base"] = args.base
         if args.period is not None:
             hyper["period"] = args.period
-        runs = algorithm if algorithm not in ("slowmo", "bmuf") else args.base
-        gossip_free = runs in ("local-sgd", "mavg", "pmsgd")
+        gossip_free = not algorithms.spec(args.base if outer else algorithm).takes_topology
         label = algorithm + (f" over {args.base}" if "base" in hyper else "") + (
             f", period {args.period}" if args.period else "")
         for name in [None] if gossip_free else args.topology.split(","):

@@ -42,6 +42,7 @@ def families(n: int) -> dict[str, object]:
 
 
 def step_matrix(topology, step: int) -> np.ndarray:
+    """W(step), n x n: the static graph's W, or the time-varying family's at ``step``."""
     if isinstance(topology, topologies.DynamicTopology):
         return topology.mixing_matrix(step)
     return topologies.to_matrix(topology)
@@ -59,6 +60,7 @@ def error_curve(topology, n: int, steps: int) -> list[float]:
 
 
 def predicted(sizes: list[int], steps: int, message_bytes: int) -> dict:
+    """Per n and family: the error curve, steps to 1e-6, max degree and bytes per step (busiest rank)."""
     out = {}
     for n in sizes:
         rows = {}
@@ -73,6 +75,7 @@ def predicted(sizes: list[int], steps: int, message_bytes: int) -> dict:
 
 
 def print_table(results: dict, steps: int) -> None:
+    """Print the predicted errors at a few step counts, one table per n."""
     marks = [k for k in (1, 2, 4, 6, 8, 16, 32, 64, 128) if k <= steps]
     for n, rows in results.items():
         print(f"\nn = {n}: worst-case consensus error ||W(k-1)...W(0) - J||_2 after k steps")
@@ -86,6 +89,7 @@ def print_table(results: dict, steps: int) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
+    """The predicted error curves, one panel per n, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,6 +153,7 @@ def measure(steps: int, numel: int, seed: int) -> dict | None:
 
 
 def print_measured(rows: dict, n: int) -> None:
+    """Print the measured errors against the predicted and the worst case."""
     print(f"\nmeasured under MPI at n = {n}: relative consensus error ||X_k - X_bar||_F / ||X_0 - X_bar||_F")
     header = (f"{'topology':<16} {'k=1':>9} {'k=4':>9} {'final':>9} {'predicted':>9} {'max |meas-pred|':>16} "
               f"{'<= bound':>8}")
@@ -163,6 +168,7 @@ def print_measured(rows: dict, n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Predict (and with ``--measure``, measure under MPI); print the tables and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,24,64", help="comma-separated n for the predicted curves")
     parser.add_argument("--steps", type=int, default=64, help="gossip steps per curve")

@@ -7,16 +7,37 @@ Quick use::
     x = torch.randn(1000)
     y = gossip.neighbor_allreduce(x)           # x_i <- sum_j w_ij x_j over in-neighbours
 
-See ``README.md`` for the full API and ``topologies`` for graphs and weights.
+The package, one concern per subpackage:
+
+* :mod:`gossip.runtime` and :mod:`gossip.settings`: ``init``/``shutdown``, the communicators and
+  machine layout, the settings (``init`` arguments or ``GOSSIP_*`` environment variables, parsed
+  once) and the resources the runtime owns (windows, trace recorder, parameter servers).
+* :mod:`gossip.ops`: what users call: neighbour ops, global collectives, hierarchical gossip,
+  one-sided windows, the parameter server, handles of non-blocking ops.
+* :mod:`gossip.transport`: the one place that decides how bytes move (shared memory, MPI
+  message, staged through pinned host memory, CUDA-aware), buffers and the watchdog.
+* :mod:`gossip.plan`: what a step communicates (plans and schedules), the topology-aware
+  scheduler, its cost model, the link probe and cluster profiles.
+* :mod:`gossip.tools`: timeline, checkpoints, metrics, datasets for examples, the launcher and the
+  multi-machine emulator.
 """
 
-from gossip import mpi_settings as _mpi_settings
-
-_mpi_settings.apply_defaults()  # before anything imports mpi4py's MPI, which starts MPI
-
-from gossip import checkpoint, data, timeline  # noqa: E402
-from gossip.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters  # noqa: E402
-from gossip.context import (  # noqa: E402
+# gossip.transport comes first: it sets the MPI transport defaults before MPI starts (mpi_settings).
+# ruff: noqa: I001
+from gossip import transport
+from gossip import ops, plan, tools
+from gossip.errors import GossipError, InputMismatchError, OpTimeoutError
+from gossip.ops.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters
+from gossip.ops.flat import FlatBuffer, group_by_dtype_and_device
+from gossip.ops.handles import Handle
+from gossip.ops.hierarchical import hierarchical_neighbor_allreduce
+from gossip.ops.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
+from gossip.ops.window import Window, open_windows
+from gossip.plan.cost_model import CostModel, LinkCost
+from gossip.plan.probing import probe
+from gossip.plan.schedule import Plan, Schedule, schedule_for
+from gossip.plan.scheduler import Scheduler
+from gossip.runtime import (
     cuda_aware,
     in_neighbors,
     init,
@@ -26,53 +47,43 @@ from gossip.context import (  # noqa: E402
     local_size,
     machine_rank,
     machine_size,
+    op_timeout,
     out_neighbors,
     rank,
+    reset_waited,
     set_check,
+    set_op_timeout,
     set_topology,
+    settings,
+    shared_empty,
     shutdown,
     size,
     topology,
     uses_shared_memory,
+    waited_seconds,
 )
-from gossip.cost_model import CostModel, LinkCost  # noqa: E402
-from gossip.errors import GossipError, InputMismatchError  # noqa: E402
-from gossip.flat import FlatBuffer, group_by_dtype_and_device, shared_empty  # noqa: E402
-from gossip.handles import Handle  # noqa: E402
-from gossip.hierarchical import hierarchical_neighbor_allreduce  # noqa: E402
-from gossip.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async  # noqa: E402
-from gossip.probing import probe  # noqa: E402
-from gossip.schedule import Plan, Schedule, schedule_for  # noqa: E402
-from gossip.scheduler import Scheduler  # noqa: E402
-from gossip.waiting import OpTimeoutError, op_timeout, reset_waited, set_op_timeout, waited_seconds  # noqa: E402
-from gossip.window import Window, open_windows  # noqa: E402
+from gossip.settings import Settings
+from gossip.tools import checkpoint, metrics, timeline
 
 __all__ = [
     "CostModel",
-    "LinkCost",
-    "OpTimeoutError",
-    "probe",
-    "Window",
-    "open_windows",
-    "checkpoint",
-    "data",
-    "op_timeout",
-    "reset_waited",
-    "set_op_timeout",
-    "timeline",
-    "waited_seconds",
     "FlatBuffer",
     "GossipError",
     "Handle",
     "InputMismatchError",
+    "LinkCost",
+    "OpTimeoutError",
     "Plan",
     "Schedule",
     "Scheduler",
+    "Settings",
+    "Window",
     "allgather",
     "allreduce",
     "barrier",
     "broadcast",
     "broadcast_parameters",
+    "checkpoint",
     "cuda_aware",
     "group_by_dtype_and_device",
     "hierarchical_neighbor_allreduce",
@@ -84,17 +95,30 @@ __all__ = [
     "local_size",
     "machine_rank",
     "machine_size",
+    "metrics",
     "neighbor_allgather",
     "neighbor_allreduce",
     "neighbor_allreduce_async",
+    "op_timeout",
+    "open_windows",
+    "ops",
     "out_neighbors",
+    "plan",
+    "probe",
     "rank",
+    "reset_waited",
     "schedule_for",
     "set_check",
+    "set_op_timeout",
     "set_topology",
+    "settings",
     "shared_empty",
     "shutdown",
     "size",
+    "timeline",
+    "tools",
     "topology",
+    "transport",
     "uses_shared_memory",
+    "waited_seconds",
 ]

@@ -12,3 +12,7 @@ class InputMismatchError(GossipError, ValueError):
     no rank is left waiting in a transfer. The message lists each problem with the rank it was
     found on.
     """
+
+
+class OpTimeoutError(GossipError):
+    """A communication op waited longer than the op timeout (a peer failed, or the ranks diverged)."""

@@ -34,6 +34,7 @@ import torch
 
 import gossip
 import topologies
+from gossip import metrics
 
 STATIC = {"exp2": topologies.exponential_two, "ring": topologies.ring, "fully_connected": topologies.fully_connected,
           "torus": topologies.torus, "symmetric_exp2": topologies.symmetric_exponential,
@@ -60,10 +61,10 @@ def rho_of(w: np.ndarray) -> float:
     return 1.0 - topologies.spectral_gap(w)
 
 
-def consensus_sq_distance(x: torch.Tensor, mean: torch.Tensor) -> float:
-    """Collective: ``||X - 1 mean^T||_F^2`` summed over all ranks."""
-    local = torch.sub(x, mean).square().sum().reshape(1)
-    return float(gossip.allreduce(local, op="sum").item())
+def consensus_error(x: torch.Tensor, mean: torch.Tensor) -> float:
+    """Collective: ``||X - 1 mean^T||_F``, the rows of X being the ranks' vectors (n times the
+    consensus distance of :func:`gossip.metrics.consensus_distance`, square-rooted)."""
+    return math.sqrt(gossip.size() * metrics.consensus_distance(x, mean))
 
 
 def main() -> int:
@@ -100,7 +101,7 @@ def main() -> int:
     generator = torch.Generator().manual_seed(rank)
     x = torch.randn(args.size, dtype=torch.float64, generator=generator)
     mean = gossip.allreduce(x, op="mean")
-    initial = math.sqrt(consensus_sq_distance(x, mean))
+    initial = consensus_error(x, mean)
 
     product = np.eye(n)  # Phi(k)
     product_bound = 1.0  # prod_s ||W(s) - 11^T/n||_2, looser than ||Phi(k) - 11^T/n||_2
@@ -118,7 +119,7 @@ def main() -> int:
         product = mixing(step) @ product
         product_bound *= rho_of(mixing(step))
         bound = rate_predicted**(step + 1) if schedule is None else float(np.linalg.norm(product - average, ord=2))
-        error = math.sqrt(consensus_sq_distance(x, mean)) / initial if initial else 0.0
+        error = consensus_error(x, mean) / initial if initial else 0.0
         errors.append(error)
         extra = f"  {product_bound:>10.3e}" if schedule else ""
         say(f"{step + 1:>4}  {error:>10.3e}  {bound:>10.3e}" + extra)

@@ -1,14 +1,21 @@
-"""The parts of ``train.py`` that are not training: configuration, data and models, metrics, logs, plots.
+"""The parts of ``train.py`` and ``train_server.py`` that are not training: configuration, data,
+models, logs and plots.
 
-Kept apart so that ``train.py`` reads top to bottom as the training loop itself.
+Kept apart so that the two scripts read top to bottom as training loops. What an algorithm
+accepts comes from its registry entry (``algorithms.spec(name)``), so a new algorithm needs no
+edit here. A bad setting is reported once, by rank 0, in one line, and every rank exits with
+status 2 (:func:`fail`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,124 +23,230 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mpi4py import MPI  # started by ``import gossip`` anyway; the rank is known before gossip.init
 
 import algorithms
 import gossip
 import topologies
-from gossip.data import Split, load_digits, load_mnist1d, synthetic_classification
+from gossip.tools.data import Split, load_digits, load_mnist1d, synthetic_classification
 
 DEFAULTS = {
     "algorithm": "dmsgd", "topology": "one-peer-exp2", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4,
     "batch_size": 32, "epochs": 20, "global_avg_every": None, "seed": 0, "dataset": "digits", "alpha": None,
     "samples": 20000, "features": 64, "model": "mlp", "hidden": 64, "checkpoint_dir": None, "checkpoint_every": 1,
-    "resume": False, "timeline": None, "device": "cpu", "log_dir": "results/train", "op_timeout": 300.0,
-    "progress": True, "period": None, "base": "local-sgd", "slow_lr": None, "slow_momentum": None,
-    "warmup_steps": 0, "batch_growth": 2.0, "slow_ranks": "", "slow_delay": 0.02,
+    "resume": False, "timeline": None, "device": "cpu", "log_dir": "results/train", "overwrite": False,
+    "op_timeout": 300.0, "progress": None, "period": None, "base": "local-sgd", "slow_lr": None,
+    "slow_momentum": None, "warmup_steps": None, "batch_growth": 2.0, "slow_ranks": "", "slow_delay": 0.02,
 }
-SERVER_ALGORITHMS = ("asgd", "asgdm", "ormo", "ormo-da")  # rank 0 serves, the others work
-GOSSIP_FREE = ("pmsgd", "local-sgd", "mavg", "cr-psgd", "cr-psgd-catalyst", *SERVER_ALGORITHMS)  # no --topology
-WITHOUT_MOMENTUM = ("dsgd", "dsgd-awc", "gradient-tracking", "mavg", "cr-psgd-catalyst", "asgd")  # nor --momentum
-FIXED_TOPOLOGY = {"d2": "a static symmetric W", "sgp": "push-sum over a graph", "adpsgd": "windows on a graph"}
-OUTER = ("slowmo", "bmuf")  # these run --base between their averages
-PERIODIC = ("local-sgd", "mavg", *OUTER)  # these take --period
+SERVER_DEFAULTS = {**DEFAULTS, "algorithm": "ormo", "log_dir": "results/train_server"}  # train_server.py's
+# Options that become an optimizer's keyword (option -> keyword); an algorithm that does not accept
+# the keyword (``algorithms.spec(name).accepts``) refuses the option when it is given.
+KEYWORDS = {"momentum": "momentum", "topology": "topology", "global_avg_every": "global_avg_every",
+            "period": "period", "base": "base", "slow_lr": "slow_lr", "slow_momentum": "slow_momentum",
+            "warmup_steps": "warmup_steps", "batch_growth": "growth"}
+# Keywords an outer loop (SlowMo, BMUF) hands to its base optimizer.
+BASE_KEYWORDS = ("momentum", "topology", "global_avg_every")
+# --topology auto feeds gossip.Scheduler's choice (allreduce, exponential-2, one-peer, hierarchical
+# gossip) to algorithms that mix with the schedule they are given; these build their own mixing.
+OWN_MIXING = {"d2": "a static symmetric W", "sgp": "push-sum over a graph", "adpsgd": "windows on a graph"}
+TERMINAL = "GOSSIPRUN_STDOUT_IS_TERMINAL"  # set by gossiprun: "1" if its own stdout is a terminal
+LAUNCHED = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")  # set by mpirun / srun
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command line over an optional ``--config`` file (TOML or YAML) over :data:`DEFAULTS`."""
-    parser = argparse.ArgumentParser(description="Decentralized training with gossip (see mpirun_examples/train.py)")
-    parser.add_argument("--config", help="TOML or YAML file whose keys are the long options below (dashes or _)")
-    parser.add_argument("--algorithm", help=f"one of {', '.join(algorithms.available())}")
-    parser.add_argument("--topology", help="a name from topologies.topology_names(), e.g. ring, exp2, one-peer-exp2; "
-                        "hierarchical (average within each machine, one-peer exp-2 between machines); or auto "
-                        "(gossip.Scheduler picks from the probed links, the model size and its compute time)")
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--momentum", type=float)
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--batch-size", type=int, help="per rank")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--global-avg-every", type=int, help="Gossip-PGA: exact average every H steps")
-    parser.add_argument("--period", type=int, help="local-sgd, mavg, bmuf, slowmo: steps between exact averages")
-    parser.add_argument("--base", help="slowmo, bmuf: the base algorithm run between averages (default local-sgd)")
-    parser.add_argument("--slow-lr", type=float, help="slowmo: slow lr alpha; bmuf: block lr zeta")
-    parser.add_argument("--slow-momentum", type=float, help="slowmo: beta; bmuf: block momentum eta; mavg: mu")
-    parser.add_argument("--warmup-steps", type=int, help="local-sgd: average after every one of the first steps")
-    parser.add_argument("--batch-growth", type=float, help="cr-psgd(-catalyst): batch growth rho > 1 "
-                        "(first batch --batch-size; budget --epochs of samples)")
-    parser.add_argument("--slow-ranks", help="comma-separated ranks made slower by sleeping --slow-delay per step")
-    parser.add_argument("--slow-delay", type=float, help="seconds a --slow-ranks rank sleeps after each step")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--dataset", help="digits | mnist1d | synthetic | module:function returning gossip.data.Split")
-    parser.add_argument("--alpha", type=float, help="Dirichlet label skew across ranks (default: iid)")
-    parser.add_argument("--samples", type=int, help="synthetic: number of samples")
-    parser.add_argument("--features", type=int, help="synthetic: features per sample")
-    parser.add_argument("--model", choices=["mlp", "cnn"])
-    parser.add_argument("--hidden", type=int, help="MLP width / CNN channels")
-    parser.add_argument("--checkpoint-dir")
-    parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints")
-    parser.add_argument("--resume", action="store_true", default=None, help="continue from --checkpoint-dir")
-    parser.add_argument("--timeline", help="write a Chrome trace per rank: FILE -> FILE.rank<r>.json")
-    parser.add_argument("--device", choices=["cpu", "cuda"])
-    parser.add_argument("--log-dir", help="where rank 0 writes log.csv, log.json and curves.png")
-    parser.add_argument("--op-timeout", type=float, help="seconds before a stuck communication op aborts the job")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    args = parser.parse_args(argv)
-    settings = dict(DEFAULTS)
+# --- errors and output ----------------------------------------------------------------------------
+
+PROG = {"name": "train.py"}  # the script whose settings are read (parse_args sets it)
+
+
+def fail(message: str) -> None:
+    """A bad setting: rank 0 prints one line, every rank exits with status 2 (no MPI_Abort: every
+    rank finds the same problem, so every rank stops by itself)."""
+    if MPI.COMM_WORLD.rank == 0:
+        print(f"{PROG['name']}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def say(text: str) -> None:
+    """Print on rank 0 only."""
+    if MPI.COMM_WORLD.rank == 0:
+        print(text, flush=True)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None, *, server: bool = False, n: int | None = None) -> argparse.Namespace:
+    """Command line over an optional ``--config`` file (TOML or YAML) over :data:`DEFAULTS`, checked
+    for ``n`` ranks (default: the MPI job's size). ``server``: for ``train_server.py``. A bad
+    setting ends the job through :func:`fail`. ``args.given`` holds the options set explicitly."""
+    parser = make_parser(server)
+    PROG["name"] = parser.prog
+    if MPI.COMM_WORLD.rank == 0:
+        args = parser.parse_args(argv)
+    else:  # argparse's usage, help and errors: once, from rank 0; the same exit status on every rank
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    settings = dict(SERVER_DEFAULTS if server else DEFAULTS)
     if args.config:
-        settings.update(read_config(args.config))
-    settings.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    return argparse.Namespace(**settings)
+        config = read_config(args.config, parser)
+        settings.update(config)
+        given = {**config, **given}
+    settings.update(given)
+    if "op_timeout" not in given and os.environ.get("GOSSIP_OP_TIMEOUT"):
+        settings["op_timeout"] = None  # gossip.init reads the variable (e.g. -x GOSSIP_OP_TIMEOUT=600 in slurm/)
+    args = argparse.Namespace(**settings, given=set(given))
+    check_settings(args, MPI.COMM_WORLD.size if n is None else n, server=server)
+    return args
 
 
-def read_config(path: str) -> dict:
-    text = Path(path).read_text()
+def make_parser(server: bool = False) -> argparse.ArgumentParser:
+    name = "train_server.py" if server else "train.py"
+    what = "Parameter-server training" if server else "Decentralized training with gossip"
+    parser = argparse.ArgumentParser(
+        prog=name, description=f"{what} (see mpirun_examples/{name}). Options may also come from --config; "
+        "the command line wins.")
+
+    def option(flag: str, help: str, **kw) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        default = (SERVER_DEFAULTS if server else DEFAULTS).get(dest)
+        shown = "" if default in (None, "", False) else f" (default: {default})"
+        parser.add_argument(flag, help=help + shown, **kw)
+
+    parser.add_argument("--config", help="TOML or YAML file whose keys are the long options below (dashes or _)")
+    kinds = ("server",) if server else tuple(k for k in _kinds() if k != "server")
+    names = [s.name for s in algorithms.specs() if s.kind in kinds]
+    option("--algorithm", f"one of {', '.join(names)}")
+    if not server:
+        option("--topology", "a name from topologies.topology_names(), e.g. ring, exp2, one-peer-exp2; "
+               "hierarchical (average within each machine, one-peer exp-2 between machines); or auto "
+               "(gossip.Scheduler picks from the probed links, the model size and its compute time)")
+    option("--lr", "learning rate", type=float)
+    option("--momentum", "momentum (algorithms that take it)", type=float)
+    option("--weight-decay", "L2 weight decay", type=float)
+    option("--batch-size", "samples per rank per step" if not server else "samples per gradient", type=int)
+    option("--epochs", "passes over the training set", type=int)
+    if not server:
+        option("--global-avg-every", "Gossip-PGA: an exact average every H steps (gossip algorithms)", type=int)
+        option("--period", "local-sgd, mavg, bmuf, slowmo: steps between exact averages", type=int)
+        option("--base", "slowmo, bmuf: the algorithm run between averages")
+        option("--slow-lr", "slowmo: slow lr alpha; bmuf: block lr zeta", type=float)
+        option("--slow-momentum", "slowmo: beta; bmuf: block momentum eta; mavg: mu", type=float)
+        option("--warmup-steps", "local-sgd: average after every one of the first steps", type=int)
+        option("--batch-growth", "cr-psgd(-catalyst): batch growth rho > 1 (first batch --batch-size; "
+               "budget --epochs of samples)", type=float)
+    option("--slow-ranks", "comma-separated ranks made slower by sleeping --slow-delay per step")
+    option("--slow-delay", "seconds a --slow-ranks rank sleeps after each step", type=float)
+    option("--seed", "seed of the data split, the model and the batches", type=int)
+    option("--dataset", "digits | mnist1d | synthetic | module:function returning a gossip.tools.data.Split")
+    option("--alpha", "Dirichlet label skew across ranks (default: iid)", type=float)
+    option("--samples", "synthetic: number of samples", type=int)
+    option("--features", "synthetic: features per sample", type=int)
+    option("--model", "the network", choices=["mlp", "cnn"])
+    option("--hidden", "MLP width / CNN channels", type=int)
+    if not server:
+        option("--checkpoint-dir", "where rank-consistent checkpoints go")
+        option("--checkpoint-every", "epochs between checkpoints", type=int)
+        option("--resume", "continue from the last checkpoint in --checkpoint-dir", action="store_true", default=None)
+    option("--timeline", "write a Chrome/Perfetto trace per rank: FILE -> FILE.rank<r>.json")
+    option("--device", "cuda: one GPU per rank (local rank -> device)", choices=["cpu", "cuda"])
+    option("--log-dir", "where rank 0 writes log.csv, log.json and curves.png; a directory holding a previous "
+           "run's log.json is refused unless --overwrite (or --resume)")
+    option("--overwrite", "replace the previous run's logs in --log-dir", action="store_true", default=None)
+    option("--op-timeout", "seconds before a stuck communication op fails the job (GOSSIP_OP_TIMEOUT if set)",
+           type=float)
+    option("--progress", "a progress bar on rank 0 (default: only when gossiprun's output is a terminal)",
+           action=argparse.BooleanOptionalAction, default=None)
+    return parser
+
+
+def _kinds() -> list[str]:
+    return sorted({s.kind for s in algorithms.specs()})
+
+
+def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The settings in a TOML or YAML file, typed like the command line's; a bad file: :func:`fail`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        fail(f"--config {path}: {error.strerror or error}")
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
-        except ImportError as error:
-            raise SystemExit(f"{path}: YAML configs need PyYAML (pip install pyyaml); TOML needs nothing") from error
-        loaded = yaml.safe_load(text) or {}
+        except ImportError:
+            fail(f"--config {path}: YAML configs need PyYAML (pip install pyyaml); TOML needs nothing")
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            fail(f"--config {path}: invalid YAML: {' '.join(str(error).split())}")
     else:
         try:
             import tomllib
         except ImportError:  # Python 3.10
             import tomli as tomllib
-        loaded = tomllib.loads(text)
-    config = {key.replace("-", "_"): value for key, value in loaded.items()}
-    unknown = sorted(set(config) - set(DEFAULTS))
+        try:
+            loaded = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            fail(f"--config {path}: invalid TOML: {error}")
+    if not isinstance(loaded, dict):
+        fail(f"--config {path}: expected a table of settings, got {type(loaded).__name__}")
+    config = {str(key).replace("-", "_"): value for key, value in loaded.items()}
+    actions = {a.dest: a for a in parser._actions if a.dest in DEFAULTS}
+    unknown = sorted(set(config) - set(actions))
     if unknown:
-        raise SystemExit(f"{path}: unknown settings {unknown}; known: {sorted(DEFAULTS)}")
+        fail(f"--config {path}: unknown settings {unknown}; known: {sorted(actions)}")
+    for key, value in config.items():
+        kind = actions[key].type or (bool if actions[key].nargs == 0 else str)
+        if value is not None and not (kind is float and isinstance(value, int)) and not isinstance(value, kind) \
+                or isinstance(value, bool) and kind is not bool:
+            fail(f"--config {path}: {key} = {value!r} should be {kind.__name__}")
+        config[key] = kind(value) if value is not None else None
     return config
 
 
-def check_settings(args: argparse.Namespace, n: int) -> None:
-    """Fail before training, with a clear message, on settings that cannot work."""
+def check_settings(args: argparse.Namespace, n: int, server: bool = False) -> None:
+    """Fail before training, with one clear line, on settings that cannot work on ``n`` ranks."""
     problems = []
-    if args.algorithm not in algorithms.available():
-        problems.append(f"unknown algorithm {args.algorithm!r}; available: {', '.join(algorithms.available())}")
+    names = {s.name for s in algorithms.specs()}
+    if args.algorithm not in names:
+        fail(f"unknown algorithm {args.algorithm!r}; available: {', '.join(sorted(names))}")
+    spec = algorithms.spec(args.algorithm)
+    if spec.kind == "server" and not server:
+        fail(f"{args.algorithm} trains through a parameter server: run mpirun_examples/train_server.py "
+             f"--algorithm {args.algorithm} (the same options)")
+    if spec.kind != "server" and server:
+        fail(f"train_server.py trains through a parameter server ({_names('server')}); "
+             f"for {args.algorithm} run mpirun_examples/train.py")
+    if server and n < 2:
+        problems.append(f"{args.algorithm} trains through a parameter server: it needs at least 2 ranks "
+                        "(rank 0 serves, the others work)")
     if not args.lr > 0:
         problems.append(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.momentum < 1:
         problems.append(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.batch_size < 1 or args.epochs < 1:
         problems.append(f"--batch-size and --epochs must be >= 1, got {args.batch_size} and {args.epochs}")
-    if args.algorithm in SERVER_ALGORITHMS and n < 2:
-        problems.append(f"{args.algorithm} trains through a parameter server: it needs at least 2 ranks "
-                        "(rank 0 serves, the others work)")
-    if args.algorithm in SERVER_ALGORITHMS and (args.checkpoint_dir or args.resume):
-        problems.append(f"checkpoints are not supported for parameter-server training ({args.algorithm})")
-    if args.algorithm in OUTER and (args.base in OUTER or args.base in ("mavg", "cr-psgd", "cr-psgd-catalyst")
-                                    or args.base not in algorithms.available()):
-        problems.append(f"--base must be a single-level algorithm (local-sgd, dsgd, dmsgd, sgp, pmsgd, ...), "
-                        f"got {args.base!r}")
-    if args.topology == "auto" and _base(args) in FIXED_TOPOLOGY:
+    base = _base(args)
+    if spec.needs_base:
+        if args.base not in names or not algorithms.spec(args.base).usable_as_base:
+            bases = ", ".join(s.name for s in algorithms.specs() if s.usable_as_base)
+            problems.append(f"--base must be a single-level algorithm ({bases}), got {args.base!r}")
+            base = None
+    for option in sorted(args.given & set(KEYWORDS)):
+        owner = base if option in BASE_KEYWORDS and spec.needs_base else args.algorithm
+        if owner is not None and not algorithms.spec(owner).accepts(KEYWORDS[option]):
+            flag = "--" + option.replace("_", "-")
+            problems.append(f"{flag} is not used by {owner}" + (f" (the base of {args.algorithm})"
+                                                                  if owner != args.algorithm else ""))
+    if args.topology == "auto" and base in OWN_MIXING:
         problems.append(f"--topology auto chooses among allreduce, exponential-2, one-peer and hierarchical gossip; "
-                        f"{_base(args)} needs {FIXED_TOPOLOGY[_base(args)]}: name its topology")
-    if args.global_avg_every is not None and _base(args) in GOSSIP_FREE:
-        problems.append(f"--global-avg-every is for gossip algorithms; {_base(args)} does not gossip "
-                        "(local-sgd and mavg average every --period steps)")
-    if args.period is not None and (args.algorithm not in PERIODIC or args.period < 1):
-        problems.append(f"--period is an int >= 1 for {', '.join(PERIODIC)}; got {args.period} for {args.algorithm}")
-    if args.algorithm.startswith("cr-psgd") and not args.batch_growth > 1:
+                        f"{base} needs {OWN_MIXING[base]}: name its topology")
+    if args.period is not None and args.period < 1:
+        problems.append(f"--period must be >= 1, got {args.period}")
+    if spec.kind == "growing-batch" and not args.batch_growth > 1:
         problems.append(f"--batch-growth must be > 1, got {args.batch_growth}")
     try:
         slow = slow_ranks(args)
@@ -146,8 +259,27 @@ def check_settings(args: argparse.Namespace, n: int) -> None:
         problems.append("--resume needs --checkpoint-dir")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda but torch sees no CUDA device")
+    previous = Path(args.log_dir) / "log.json"
+    if not (args.overwrite or args.resume) and MPI.COMM_WORLD.bcast(
+            previous.exists() if MPI.COMM_WORLD.rank == 0 else None, root=0):
+        problems.append(f"--log-dir {args.log_dir} holds a previous run ({previous}): pass --overwrite to "
+                        "replace it, or another --log-dir")
     if problems:
-        raise SystemExit("train.py: " + "; ".join(problems))
+        fail("; ".join(problems))
+
+
+def _names(*kinds: str) -> str:
+    return ", ".join(s.name for s in algorithms.specs() if s.kind in kinds)
+
+
+def _base(args: argparse.Namespace) -> str:
+    """The algorithm that runs every step: --base for slowmo and bmuf, else --algorithm."""
+    return args.base if algorithms.spec(args.algorithm).needs_base else args.algorithm
+
+
+def takes_topology(args: argparse.Namespace) -> bool:
+    """Whether the algorithm run every step gossips on ``--topology``."""
+    return algorithms.spec(_base(args)).takes_topology
 
 
 def slow_ranks(args: argparse.Namespace) -> set[int]:
@@ -160,35 +292,72 @@ def step_delay(args: argparse.Namespace, rank: int) -> float:
     return args.slow_delay if rank in slow_ranks(args) else 0.0
 
 
-def _base(args: argparse.Namespace) -> str:
-    """The algorithm that runs every step: --base for slowmo and bmuf, else --algorithm."""
-    return args.base if args.algorithm in OUTER else args.algorithm
+def device_of(args: argparse.Namespace) -> torch.device:
+    """``--device``: the CPU, or one GPU per rank (local rank -> device, set as current for NCCL and
+    the caching allocator)."""
+    if args.device != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", gossip.local_rank() % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
-def optimizer_settings(args: argparse.Namespace, n: int, samples_per_epoch: int) -> dict:
-    """The keyword arguments of ``algorithms.create(args.algorithm, ...)`` for these settings
-    (``samples_per_epoch``: per rank, CR-PSGD's budget is --epochs of them)."""
+# --- the optimizer --------------------------------------------------------------------------------
+
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, data: Split, device: torch.device,
+                   samples_per_epoch: int):
+    """``algorithms.create(args.algorithm, ...)`` with the options it accepts (collective: it
+    broadcasts rank 0's model). ``samples_per_epoch``: per rank; CR-PSGD's budget is --epochs of them."""
+    spec = algorithms.spec(args.algorithm)
+    base = algorithms.spec(args.base) if spec.needs_base else spec
+    n = gossip.size()
     hyper = {"lr": args.lr, "weight_decay": args.weight_decay}
-    base = _base(args)
-    if base not in GOSSIP_FREE:
-        hyper["topology"] = make_topology(args, n)
-        if args.global_avg_every is not None:
-            hyper["global_avg_every"] = args.global_avg_every
-    if base not in WITHOUT_MOMENTUM:
-        hyper["momentum"] = args.momentum
-    if args.algorithm in OUTER:
-        hyper["base"] = args.base
-    if args.algorithm in PERIODIC and args.period is not None:
-        hyper["period"] = args.period
-    if args.algorithm in OUTER and args.slow_lr is not None:
-        hyper["slow_lr"] = args.slow_lr
-    if args.algorithm in (*OUTER, "mavg") and args.slow_momentum is not None:
-        hyper["slow_momentum"] = args.slow_momentum
-    if args.algorithm == "local-sgd" and args.warmup_steps:
-        hyper["warmup_steps"] = args.warmup_steps
-    if args.algorithm.startswith("cr-psgd"):
+    for option, keyword in KEYWORDS.items():
+        owner = base if option in BASE_KEYWORDS else spec
+        value = getattr(args, option)
+        if option == "topology":
+            if owner.takes_topology:
+                hyper["topology"] = make_topology(args, n, model, data, device)
+        elif value is not None and owner.accepts(keyword):
+            hyper[keyword] = value
+    if spec.kind == "growing-batch":
         hyper.update(budget=args.epochs * samples_per_epoch, first_batch=args.batch_size, growth=args.batch_growth)
-    return hyper
+    if isinstance(hyper.get("topology"), gossip.Scheduler):
+        hyper.pop("global_avg_every", None)  # the scheduler applies --global-avg-every itself
+    try:
+        return algorithms.create(args.algorithm, model.parameters(), **hyper)
+    except (TypeError, ValueError) as error:
+        fail(f"{args.algorithm}: {error}")
+
+
+def make_topology(args: argparse.Namespace, n: int, model: torch.nn.Module, data: Split, device: torch.device):
+    """``--topology``: a graph or time-varying family by name, "hierarchical", or the scheduler's
+    choice for ``auto`` (collective)."""
+    if args.topology == "hierarchical":  # machine average + one-peer exp-2 between machines
+        return args.topology
+    if args.topology == "auto":
+        return auto_schedule(args, model, data, device)
+    try:
+        return topologies.by_name(args.topology, n, seed=args.seed, local_size=gossip.local_size())
+    except ValueError as error:
+        fail(f"--topology {args.topology!r} on {plural(n, 'rank')}: {error}")
+
+
+def auto_schedule(args: argparse.Namespace, model: torch.nn.Module, data: Split,
+                  device: torch.device) -> gossip.Scheduler:
+    """``--topology auto`` (collective): time this model's forward and backward on one batch (the
+    ranks' mean), probe the links, and let :class:`gossip.Scheduler` choose for the model's bytes."""
+    x, y = data.x_train[:args.batch_size].to(device), data.y_train[:args.batch_size].to(device)
+    rng, times = torch.get_rng_state(), []
+    for _ in range(5):
+        began = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        times.append(time.perf_counter() - began)
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    compute = gossip.metrics.mean_over_ranks(float(np.median(times[1:])))
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return gossip.Scheduler.auto(nbytes, compute_seconds=compute, global_avg_every=args.global_avg_every)
 
 
 def epoch_steps(batch_sizes: list[int], samples_per_epoch: int, epochs: int) -> list[range]:
@@ -205,48 +374,27 @@ def epoch_steps(batch_sizes: list[int], samples_per_epoch: int, epochs: int) -> 
     return [range(bounds[e], bounds[e + 1]) for e in range(epochs)]
 
 
-def make_topology(args: argparse.Namespace, n: int):
-    if args.topology in ("hierarchical", "auto"):  # hierarchical: machine average + one-peer exp-2 between machines
-        return args.topology  # auto: chosen by auto_schedule once the model exists
-    try:
-        return topologies.by_name(args.topology, n, seed=args.seed, local_size=gossip.local_size())
-    except ValueError as error:
-        raise SystemExit(f"train.py: --topology {args.topology!r} on {n} ranks: {error}") from error
-
-
-def auto_schedule(args: argparse.Namespace, model: torch.nn.Module, data: Split,
-                  device: torch.device) -> gossip.Scheduler:
-    """``--topology auto`` (collective): time this model's forward and backward on one batch (the
-    ranks' mean), probe the links, and let :class:`gossip.Scheduler` choose for the model's bytes."""
-    x, y = data.x_train[:args.batch_size].to(device), data.y_train[:args.batch_size].to(device)
-    rng, times = torch.get_rng_state(), []
-    for _ in range(5):
-        began = time.perf_counter()
-        F.cross_entropy(model(x), y).backward()
-        times.append(time.perf_counter() - began)
-    model.zero_grad(set_to_none=True)
-    torch.set_rng_state(rng)
-    compute = gossip.allreduce(torch.tensor([float(np.median(times[1:]))], dtype=torch.float64), "mean").item()
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return gossip.Scheduler.auto(nbytes, compute_seconds=compute, global_avg_every=args.global_avg_every)
-
+# --- data and models ------------------------------------------------------------------------------
 
 def load_dataset(args: argparse.Namespace) -> Split:
     if args.dataset == "digits":
         return load_digits(flat=args.model != "cnn", seed=args.seed)
     if args.model == "cnn":
-        raise SystemExit("train.py: --model cnn is for the 8x8 digits images; use --model mlp")
+        fail("--model cnn is for the 8x8 digits images; use --model mlp")
     if args.dataset == "mnist1d":
         return load_mnist1d(seed=args.seed)
     if args.dataset == "synthetic":
         return synthetic_classification(args.samples, args.features, seed=args.seed)
     if ":" in args.dataset:  # the hook for a user's own data
         module, function = args.dataset.split(":", 1)
-        split = getattr(importlib.import_module(module), function)()
+        try:
+            split = getattr(importlib.import_module(module), function)()
+        except (ImportError, AttributeError) as error:
+            fail(f"--dataset {args.dataset}: {error}")
         if not isinstance(split, Split):
-            raise SystemExit(f"train.py: {args.dataset} must return gossip.data.Split, got {type(split).__name__}")
+            fail(f"--dataset {args.dataset} must return gossip.tools.data.Split, got {type(split).__name__}")
         return split
-    raise SystemExit(f"train.py: unknown --dataset {args.dataset!r}: digits, mnist1d, synthetic or module:function")
+    fail(f"unknown --dataset {args.dataset!r}: digits, mnist1d, synthetic or module:function")
 
 
 def make_model(args: argparse.Namespace, data: Split) -> torch.nn.Module:
@@ -272,38 +420,31 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, flat: torch.Tensor, data: Split, device: torch.device) -> dict[str, float]:
-    """Collective: test accuracy of this rank's model and of the averaged model; consensus distance."""
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    own = accuracy(model, x_test, y_test)
-    mine = flat.detach().clone()
-    mean = gossip.allreduce(mine, "mean")
-    consensus = gossip.allreduce((mine - mean).square().sum().reshape(1), "mean").item()
-    flat.copy_(mean)
-    averaged = accuracy(model, x_test, y_test)
-    flat.copy_(mine)
-    return {"test_accuracy_averaged": averaged, "test_accuracy_rank0": own, "consensus_distance": consensus}
+def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> float:
+    return sum(float(F.cross_entropy(model(x[i:i + batch]), y[i:i + batch], reduction="sum"))
+               for i in range(0, len(x), batch)) / len(x)
 
 
-@torch.no_grad()
-def server_record(model: torch.nn.Module, data: Split, device: torch.device, epoch: int, staleness: list[int],
-                  samples_per_second: float) -> dict:
-    """The parameter server's log record for an epoch: its model's training loss and test accuracy
-    (local, no communication), and the staleness of the epoch's gradients."""
-    loss = sum(float(F.cross_entropy(model(data.x_train[i:i + 4096].to(device)), data.y_train[i:i + 4096].to(device),
-                                     reduction="sum")) for i in range(0, len(data.x_train), 4096))
-    test = accuracy(model, data.x_test.to(device), data.y_test.to(device))
-    return {"epoch": epoch, "train_loss": loss / len(data.x_train), "test_accuracy_averaged": test,
-            "test_accuracy_rank0": test, "consensus_distance": 0.0, "samples_per_second": samples_per_second,
-            "communication_share": float("nan"), "staleness_mean": sum(staleness) / max(1, len(staleness)),
-            "staleness_max": max(staleness, default=0)}
+# --- progress, logs and plots ---------------------------------------------------------------------
+
+def output_is_terminal() -> bool:
+    """Whether rank output reaches a terminal. Under gossiprun the launcher says so (Open MPI hands
+    ranks a pseudo-terminal even when its own output goes to a file); under plain mpirun or srun,
+    no; run directly, ask stdout."""
+    told = os.environ.get(TERMINAL)
+    if told is not None:
+        return told == "1"
+    if any(name in os.environ for name in LAUNCHED):
+        return False
+    return sys.stdout.isatty()
 
 
 class Progress:
-    """A one-line progress bar on rank 0 (only when writing to a terminal)."""
+    """A one-line progress bar on rank 0: with ``--progress``, or by default when the output is a
+    terminal (:func:`output_is_terminal`)."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and gossip.rank() == 0 and sys.stdout.isatty()
+    def __init__(self, wanted: bool | None) -> None:
+        self.enabled = gossip.rank() == 0 and (output_is_terminal() if wanted is None else wanted)
 
     def update(self, epoch: int, epochs: int, step: int, steps: int, loss: torch.Tensor) -> None:
         if self.enabled:
@@ -321,18 +462,18 @@ class Log:
 
     def __init__(self, directory: str, settings: dict, resumed_records: list[dict] | None = None) -> None:
         self.directory = Path(directory)
-        self.settings = settings
+        self.settings = {k: v for k, v in settings.items() if k != "given"}
         self.records: list[dict] = list(resumed_records or [])
         self.started = time.perf_counter() - (self.records[-1]["wall_seconds"] if self.records else 0.0)
 
-    def add(self, record: dict) -> None:
+    def add(self, **record) -> None:
         record["wall_seconds"] = time.perf_counter() - self.started
         self.records.append(record)
         if gossip.rank() != 0:
             return
         if "staleness_mean" in record:  # the parameter server's record
             print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  test acc (server model) "
-                  f"{100 * record['test_accuracy_averaged']:5.2f}%  staleness mean {record['staleness_mean']:.1f} "
+                  f"{100 * record['test_accuracy']:5.2f}%  staleness mean {record['staleness_mean']:.1f} "
                   f"max {record['staleness_max']}  {record['samples_per_second']:,.0f} samples/s", flush=True)
         else:
             print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  "
@@ -348,32 +489,48 @@ class Log:
         (self.directory / "log.json").write_text(json.dumps({"settings": self.settings, "epochs": self.records},
                                                             indent=1))
 
+    def finish(self, trace: Path | None) -> None:
+        """Rank 0: the plot, and where every output went (``trace``: this rank's timeline file)."""
+        if gossip.rank() != 0:
+            return
+        plot = self.plot() if self.records else None
+        if self.records:
+            print(f"wrote {self.directory}/log.csv, log.json" + (f" and {plot.name}" if plot else ""))
+        if trace is not None:
+            every = trace.name.replace(".rank0", ".rank<r>")
+            print(f"wrote the timeline: {trace.parent / every} for r = 0..{gossip.size() - 1} "
+                  "(open in https://ui.perfetto.dev)")
+
     def plot(self) -> Path | None:
-        if gossip.rank() != 0 or not self.records:
-            return None
         try:
             import matplotlib
         except ImportError:
-            print("(matplotlib not installed: no plot; pip install 'gossip[examples]')")
+            print("(matplotlib not installed: no plot; pip install 'gossip-mpi[examples]')")
             return None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         epochs = [r["epoch"] for r in self.records]
         wall = [r["wall_seconds"] for r in self.records]
+        server = "test_accuracy" in self.records[0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for axis, xs, label in ((axes[0], epochs, "epoch"), (axes[1], wall, "wall time (s)")):
             axis.plot(xs, [r["train_loss"] for r in self.records], "C0-", label="training loss")
             axis.set_xlabel(label)
             axis.set_ylabel("training loss", color="C0")
             twin = axis.twinx()
-            twin.plot(xs, [100 * r["test_accuracy_averaged"] for r in self.records], "C1-", label="averaged")
-            twin.plot(xs, [100 * r["test_accuracy_rank0"] for r in self.records], "C2--", label="rank 0")
+            if server:
+                twin.plot(xs, [100 * r["test_accuracy"] for r in self.records], "C1-", label="server model")
+            else:
+                twin.plot(xs, [100 * r["test_accuracy_averaged"] for r in self.records], "C1-", label="averaged")
+                twin.plot(xs, [100 * r["test_accuracy_rank0"] for r in self.records], "C2--", label="rank 0")
             twin.set_ylabel("test accuracy (%)")
             twin.legend(loc="center right")
-        fig.suptitle(f"{self.settings['algorithm']} on {self.settings['topology']}, {gossip.size()} ranks, "
+        where = "" if server else f" on {self.settings['topology']}"
+        fig.suptitle(f"{self.settings['algorithm']}{where}, {plural(gossip.size(), 'rank')}, "
                      f"{self.settings['dataset']}")
         fig.tight_layout()
         path = self.directory / "curves.png"
         fig.savefig(path, dpi=110)
+        plt.close(fig)
         return path

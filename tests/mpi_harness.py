@@ -1,4 +1,5 @@
-"""Run a test script under ``mpirun -np N`` with a timeout and collect every rank's results."""
+"""Run test scripts under ``mpirun -np N``, several sizes and settings in one job, with a timeout, and
+collect every rank's results; start other jobs (examples, benchmarks) under mpirun."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from gossip.launch import launch_env, mpirun_command
+from gossip.tools.launch import launch_env, mpirun_command
 
 #: How the emulated-cluster tests start: ``(machines x ranks, link rate)``.
 Emulated = tuple[str, str]
@@ -32,7 +34,7 @@ def test_names(script: Path) -> list[str]:
 
 def emulation_unavailable() -> str | None:
     """Why an emulated cluster cannot be made here (None if it can)."""
-    from gossip import emulate
+    from gossip.tools import emulate
 
     try:
         emulate.preflight()
@@ -54,7 +56,7 @@ def start_job(np: int, command: list[str], env: dict[str, str] | None = None,
         cmd = mpirun_command(np, command, tag_output=tag_output)
     else:
         shape, rate = emulated
-        cmd = [sys.executable, "-m", "gossip.launch", "-np", str(np), "--emulate", shape, "--link", rate,
+        cmd = [sys.executable, "-m", "gossip.tools.launch", "-np", str(np), "--emulate", shape, "--link", rate,
                *(["--tag-output"] if tag_output else []), *command]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env,
                             start_new_session=True)
@@ -74,15 +76,40 @@ def run_job(np: int, command: list[str], timeout: float, env: dict[str, str] | N
     return subprocess.CompletedProcess(command, proc.returncode, output)
 
 
-def run_mpi(script: Path, np: int, timeout: float = 240.0, env: dict[str, str] | None = None,
-            emulated: Emulated | None = None) -> None:
-    """Run ``script``'s tests on ``np`` ranks (on an emulated cluster with ``emulated``); fail the
-    calling pytest test with every rank's failures, a missing rank or test, a non-zero exit, or a
-    timeout (the job is then killed)."""
-    expected = test_names(script)
+@dataclass(frozen=True)
+class Run:
+    """One run of a script's tests: on ``size`` ranks (the first ``size`` of the job), with the runtime
+    started with ``settings`` (``gossip.init`` keywords) and the script given ``params`` (test
+    parameters, read with ``_common.param``: ``device``, ``hidden``)."""
+
+    script: str
+    size: int
+    settings: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How failures name the run: script, size, settings and parameters."""
+        extra = [f"{k}={v!r}" for k, v in {**self.settings, **self.params}.items()]
+        return f"{self.script} on {self.size} rank{'s' if self.size > 1 else ''}" + (
+            f" ({', '.join(extra)})" if extra else "")
+
+
+def run_mpi(runs: list[Run], env: dict[str, str] | None = None, emulated: Emulated | None = None,
+            limit: float = 240.0, np: int | None = None) -> None:
+    """Run every run of ``runs`` in one mpirun job of ``np`` ranks (default: the largest size), with
+    ``env`` (what only the environment can carry, e.g. ``OMPI_MCA_btl``), on an emulated cluster with
+    ``emulated``. Each run may take ``limit`` seconds (a run past it ends the job). Fails the calling
+    pytest test with every rank's failures (naming the run's size and settings, the test and the
+    rank), a missing rank or test, a non-zero exit, or a timeout (the job is then killed)."""
+    np = np or max(run.size for run in runs)
+    expected = {i: test_names(SCRIPTS / run.script) for i, run in enumerate(runs)}
+    spec = [{"script": str(SCRIPTS / run.script), "size": run.size, "settings": run.settings, "params": run.params,
+             "limit": limit, "label": run.label} for run in runs]
+    timeout = limit * len(runs) + 120  # a backstop: the runner ends a run past its limit itself
     with tempfile.TemporaryDirectory(prefix="gossip-mpi-") as outdir:
-        proc = start_job(np, [sys.executable, str(RUNNER), str(script), outdir], env, tag_output=True,
-                         emulated=emulated)
+        (Path(outdir) / "runs.json").write_text(json.dumps(spec))
+        proc = start_job(np, [sys.executable, str(RUNNER), outdir], env, tag_output=True, emulated=emulated)
         timed_out = False
         try:
             output, _ = proc.communicate(timeout=timeout)
@@ -100,20 +127,32 @@ def run_mpi(script: Path, np: int, timeout: float = 240.0, env: dict[str, str] |
         problems.append(f"timed out after {timeout:.0f} s (job killed)")
     elif proc.returncode != 0:
         problems.append(f"mpirun exited with code {proc.returncode}")
-    skipped = 0
-    for r, results in per_rank.items():
-        ran = {res["test"]: res for res in results}
-        for name in expected:
-            res = ran.get(name)
-            if res is None:
-                problems.append(f"rank {r}: {name} did not run")
-            elif res["status"] == "failed":
-                problems.append(f"rank {r}: {name} failed\n{res['detail']}")
-            elif res["status"] == "skipped":
-                skipped += 1
+    executed = skipped = 0
+    for i, run in enumerate(runs):
+        if not any(res["run"] == i for r in range(run.size) for res in per_rank[r]):
+            problems.append(f"{run.label}: did not run (the job ended before it)")
+            executed += 1
+            continue
+        for r in range(run.size):
+            ran = {res["test"]: res for res in per_rank[r] if res["run"] == i}
+            unexpected = [(name, res) for name, res in ran.items() if name not in expected[i]]
+            for name, res in unexpected:  # the run could not start: its tests did not run
+                problems.append(f"{run.label}, rank {r}: {name} failed\n{res['detail']}")
+            for name in [] if unexpected else expected[i]:
+                res = ran.get(name)
+                executed += 1
+                if res is None:
+                    problems.append(f"{run.label}, rank {r}: {name} did not run")
+                elif res["status"] == "running":
+                    problems.append(f"{run.label}, rank {r}: {name} did not finish (the job ended while it ran: "
+                                    f"ranks left behind, or the run past its limit of {limit:.0f} s; see the output)")
+                elif res["status"] == "failed":
+                    problems.append(f"{run.label}, rank {r}: {name} failed\n{res['detail']}")
+                elif res["status"] == "skipped":
+                    skipped += 1
     if problems:
         tail = output[-8000:]
-        pytest.fail(f"{script.name} on {np} ranks:\n" + "\n".join(problems) + f"\n--- job output (tail) ---\n{tail}",
+        pytest.fail(f"mpirun job of {np} ranks:\n" + "\n".join(problems) + f"\n--- job output (tail) ---\n{tail}",
                     pytrace=False)
-    if skipped == np * len(expected):
-        pytest.skip(f"{script.name}: every test skipped on every rank")
+    if skipped == executed:
+        pytest.skip(f"every test skipped on every rank of {', '.join(run.label for run in runs)}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import topologies
-from gossip.cost_model import CostModel, LinkCost
+from gossip.plan.cost_model import CostModel, LinkCost
 
 INTRA = LinkCost(latency=1e-6, inverse_bandwidth=1e-10, reduce=1e-11)
 INTER = LinkCost(latency=1e-5, inverse_bandwidth=1e-9, reduce=1e-11)

@@ -1,10 +1,10 @@
-"""gossip.data: offline datasets, partitions across ranks and the per-rank batch stream (no MPI)."""
+"""gossip.tools.data: offline datasets, partitions across ranks and the per-rank batch stream (no MPI)."""
 
 import numpy as np
 import pytest
 import torch
 
-from gossip.data import BatchStream, load_digits, partition, synthetic_classification
+from gossip.tools.data import BatchStream, load_digits, partition, synthetic_classification
 
 
 def _labels(classes=10, per_class=50):

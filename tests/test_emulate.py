@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gossip import emulate
-from gossip.launch import parse_arguments
+from gossip.tools import emulate, launch
+from gossip.tools.launch import parse_arguments
 from tests.mpi_harness import REPO, emulation_unavailable, launch_env
 
 HELLO = ("from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
@@ -25,7 +25,7 @@ HELLO = ("from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
 def gossiprun(*args: str, **popen) -> subprocess.Popen:
     env = launch_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-m", "gossip.launch", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "gossip.tools.launch", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, **popen)
 
 
@@ -42,8 +42,13 @@ def wait_until_gone(tag: str, seconds: float = 20.0) -> None:
         time.sleep(0.2)
 
 
-needs_namespaces = pytest.mark.skipif(emulation_unavailable() is not None,
-                                      reason=f"no emulated cluster here: {emulation_unavailable()}")
+_needs_namespaces = pytest.mark.skipif(emulation_unavailable() is not None,
+                                       reason=f"no emulated cluster here: {emulation_unavailable()}")
+
+
+def needs_namespaces(test):
+    """A test that makes an emulated cluster and runs mpirun on it (needs root and namespaces)."""
+    return _needs_namespaces(pytest.mark.mpi(pytest.mark.emulated(test)))
 
 
 # --- parsing: no cluster needed -----------------------------------------------------------------
@@ -77,15 +82,16 @@ def test_gossiprun_splits_its_options_mpirun_flags_and_the_command():
             parse_arguments(bad)
 
 
-def test_bad_emulation_input_is_refused_before_anything_is_made():
+def test_bad_emulation_input_is_refused_before_anything_is_made(capsys):
+    """gossiprun's entry point, in this process: exit status 2 and one message, nothing made."""
     before = ours()
     for args, message in ((["--emulate", "2x2", "--link", "fast", "true"], "--link takes a rate"),
                           (["--emulate", "2x", "--link", "1gbit", "true"], "--emulate takes"),
                           (["-np", "3", "--emulate", "2x2", "--link", "1gbit", "true"], "-np 3 does not match"),
                           (["--emulate", "2x2", "true"], "go together")):
-        proc = gossiprun(*args)
-        output, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 2 and message in output, output
+        assert launch.main(args) == 2, args
+        output = capsys.readouterr().err
+        assert message in output and output.startswith("gossiprun: "), output
     assert ours() == before
 
 
@@ -150,7 +156,8 @@ def test_two_emulated_jobs_at_once_do_not_collide():
         wait_until_gone(str(proc.pid))
 
 
-@needs_namespaces
+@_needs_namespaces
+@pytest.mark.emulated
 def test_stale_clusters_of_dead_launchers_are_swept():
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer runs

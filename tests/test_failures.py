@@ -7,6 +7,8 @@ import pytest
 
 from tests.mpi_harness import TESTS, run_job
 
+pytestmark = pytest.mark.mpi  # each failure must end its own job: one mpirun job per mode
+
 JOB = TESTS / "failure_jobs" / "rank_failure.py"
 BOUND = 90.0  # seconds: far above what the job needs to notice (a few seconds), far below a hang
 

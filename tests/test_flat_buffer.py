@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gossip.flat import FlatBuffer, group_by_dtype_and_device
+from gossip.ops.flat import FlatBuffer, group_by_dtype_and_device
 
 
 def storage_of(t: torch.Tensor) -> int:

@@ -1,97 +1,101 @@
-"""Multi-rank tests: each script in tests/mpi_scripts runs under real mpirun, with a timeout."""
+"""Multi-rank tests: the scripts in tests/mpi_scripts under real mpirun, with timeouts.
+
+One mpirun job runs a script at several sizes (sub-communicators of the job's ranks) and settings
+(``gossip.init`` keywords), re-starting the runtime between runs (tests/mpi_runner.py); a failure
+names the script, size, settings, test and rank. What only the environment can carry gets a job of
+its own: Open MPI's TCP transport (``OMPI_MCA_btl=tcp,self``) and the emulated cluster.
+"""
 
 import pytest
 import torch
 
-from tests.mpi_harness import SCRIPTS, emulation_unavailable, run_mpi
+from tests.mpi_harness import Run, emulation_unavailable, run_mpi
 
-# On one machine blocking CPU averaging goes through shared memory by default; the cases marked
-# "mpi" force MPI messages (neighbourhood collectives, point-to-point), the path used across machines,
-# over Open MPI's TCP transport, where a buffer freed or reused while in flight shows at once.
-MPI_MESSAGES = {"GOSSIP_SHARED_MEMORY": "0", "OMPI_MCA_btl": "tcp,self"}
-# The same with messages of several chunks everywhere (the algorithms' test network widened to 1.2 MB of
-# parameters) and the debug checks on: poisoned released buffers, sent tensors checked untouched.
-LARGE_OVER_TCP = {**MPI_MESSAGES, "GOSSIP_TEST_HIDDEN": "30000", "GOSSIP_DEBUG_BUFFERS": "1"}
-# And with the progress thread polling MPI while the ops run (MPI_THREAD_MULTIPLE).
-PROGRESS_THREAD = {**MPI_MESSAGES, "GOSSIP_PROGRESS_THREAD": "1"}
+pytestmark = pytest.mark.mpi
+
+# The chunked staging pipeline without a GPU: CPU tensors take the staged path in chunks of 64 bytes,
+# so every test tensor is several chunks; the same correctness scripts must pass.
+STAGED_HOST = {"stage_host": True, "staging_chunk_bytes": 64}
 
 
 def machines_of(k: int) -> dict:
     """Pretend k ranks per machine (hierarchical code on one host)."""
-    return {"GOSSIP_RANKS_PER_MACHINE": str(k)}
+    return {"ranks_per_machine": k}
 
 
-def _label(env: dict | None) -> str:
-    if not env:
-        return ""
-    if env == MPI_MESSAGES:
-        return "-mpi-tcp"
-    if env == LARGE_OVER_TCP:
-        return "-large-tcp"
-    if env == PROGRESS_THREAD:
-        return "-tcp-progress-thread"
-    return f"-{env['GOSSIP_RANKS_PER_MACHINE']}-per-machine"
-CASES = [
-    ("neighbor_static.py", 1, None), ("neighbor_static.py", 2, None), ("neighbor_static.py", 4, None),
-    ("neighbor_static.py", 8, None), ("neighbor_static.py", 4, MPI_MESSAGES), ("neighbor_static.py", 5, MPI_MESSAGES),
-    ("neighbor_dynamic.py", 1, None), ("neighbor_dynamic.py", 2, None), ("neighbor_dynamic.py", 4, None),
-    ("neighbor_dynamic.py", 8, None), ("neighbor_dynamic.py", 4, MPI_MESSAGES),
-    ("shared_memory.py", 1, None), ("shared_memory.py", 4, None), ("shared_memory.py", 5, None),
-    ("shared_memory.py", 3, MPI_MESSAGES),
-    ("collectives.py", 1, None), ("collectives.py", 3, None), ("collectives.py", 4, None),
-    ("dynamic_families.py", 1, None), ("dynamic_families.py", 4, None), ("dynamic_families.py", 6, MPI_MESSAGES),
-    ("dynamic_families.py", 8, None),
-    ("algorithms_sync.py", 1, None), ("algorithms_sync.py", 4, None), ("algorithms_sync.py", 6, None),
-    ("algorithms_sync.py", 4, LARGE_OVER_TCP), ("large_messages.py", 4, LARGE_OVER_TCP),
-    ("large_messages.py", 4, PROGRESS_THREAD),
-    ("large_messages.py", 4, machines_of(2)),
-    ("algorithms_periodic.py", 1, None), ("algorithms_periodic.py", 4, None),
-    ("algorithms_periodic.py", 5, MPI_MESSAGES),
-    ("runtime_services.py", 1, None), ("runtime_services.py", 4, None), ("runtime_services.py", 3, MPI_MESSAGES),
-    ("windows.py", 1, None), ("windows.py", 4, None), ("windows.py", 5, None),
-    ("algorithms_async_gossip.py", 4, None), ("algorithms_async_gossip.py", 5, None),
-    ("hierarchical.py", 4, machines_of(2)), ("hierarchical.py", 6, machines_of(4)), ("scheduler.py", 4, machines_of(2)),
-    ("parameter_server.py", 1, None), ("parameter_server.py", 2, None), ("parameter_server.py", 4, None),
-    ("bad_input.py", 2, None), ("bad_input.py", 4, None), ("bad_input.py", 5, None), ("bad_input.py", 4, MPI_MESSAGES),
-]
+def sizes(script: str, *ns: int, **settings) -> list[Run]:
+    return [Run(script, n, settings) for n in ns]
 
 
-@pytest.mark.parametrize("script,np,env", CASES, ids=[f"{s[:-3]}-np{n}{_label(e)}" for s, n, e in CASES])
-def test_under_mpirun(script: str, np: int, env: dict | None) -> None:
-    run_mpi(SCRIPTS / script, np, env=env)
+# On one machine, over Open MPI's shared-memory transport: every script at the sizes that exercise
+# its cases (1 rank, 2, powers of two, odd sizes), and the settings that can differ within one job.
+# Scripts are grouped by area, one mpirun job per group: starting ranks (importing torch and MPI)
+# costs seconds on a small machine, running one more script in a started job does not.
+JOBS = {
+    "neighbour-ops": [*sizes("neighbor_static.py", 1, 2, 4, 8), Run("neighbor_static.py", 4, STAGED_HOST),
+                      *sizes("neighbor_dynamic.py", 1, 2, 4, 8), Run("neighbor_dynamic.py", 4, STAGED_HOST),
+                      *sizes("shared_memory.py", 1, 4, 5),
+                      *sizes("collectives.py", 1, 3, 4), Run("collectives.py", 3, STAGED_HOST),
+                      *sizes("dynamic_families.py", 1, 4, 8)],
+    "algorithms": [*sizes("algorithms_sync.py", 1, 4, 6), *sizes("algorithms_periodic.py", 1, 4),
+                   *sizes("algorithms_async_gossip.py", 4, 5), *sizes("parameter_server.py", 1, 2, 4)],
+    "runtime-windows-hierarchical": [
+        *sizes("runtime_services.py", 1, 4), *sizes("windows.py", 1, 4, 5),
+        Run("hierarchical.py", 4, machines_of(2)), Run("hierarchical.py", 6, machines_of(4)),
+        Run("scheduler.py", 4, machines_of(2)), Run("large_messages.py", 4, machines_of(2)),
+        *sizes("bad_input.py", 2, 4, 5)],
+}
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_under_mpirun(name: str) -> None:
+    run_mpi(JOBS[name])
+
+
+# On one machine blocking CPU averaging goes through shared memory by default; these runs force MPI
+# messages (neighbourhood collectives, point-to-point), the path used across machines, over Open MPI's
+# TCP transport, where a buffer freed or reused while in flight shows at once.
+TCP = {"OMPI_MCA_btl": "tcp,self"}
+MPI_MESSAGES = {"shared_memory": False}
+# With messages of several chunks everywhere (the algorithms' test network widened to 1.2 MB of
+# parameters) and the debug checks on: poisoned released buffers, sent tensors checked untouched; and
+# with the progress thread polling MPI while the ops run (MPI_THREAD_MULTIPLE).
+LARGE = {**MPI_MESSAGES, "debug_buffers": True}
+TCP_JOBS = {
+    "mpi-tcp": [*sizes("neighbor_static.py", 4, 5, **MPI_MESSAGES), Run("neighbor_dynamic.py", 4, MPI_MESSAGES),
+                Run("shared_memory.py", 3, MPI_MESSAGES), Run("dynamic_families.py", 6, MPI_MESSAGES),
+                Run("algorithms_periodic.py", 5, MPI_MESSAGES), Run("runtime_services.py", 3, MPI_MESSAGES),
+                Run("bad_input.py", 4, MPI_MESSAGES)],
+    "large-tcp": [Run("algorithms_sync.py", 4, LARGE, {"hidden": 30000}), Run("large_messages.py", 4, LARGE),
+                  Run("large_messages.py", 4, {**MPI_MESSAGES, "progress_thread": True})],
+}
+
+
+@pytest.mark.parametrize("name", TCP_JOBS)
+def test_over_tcp(name: str) -> None:
+    run_mpi(TCP_JOBS[name], env=TCP)
 
 
 # Every CPU correctness script again with CUDA tensors (several ranks share the GPU), staged through
 # pinned host memory and, where the MPI is CUDA-aware, direct. Shared memory is CPU-only by design.
-CUDA_CASES = [
-    ("neighbor_static.py", 4, None), ("neighbor_dynamic.py", 4, None), ("collectives.py", 3, None),
-    ("dynamic_families.py", 4, None), ("windows.py", 4, None), ("hierarchical.py", 4, machines_of(2)),
-    ("algorithms_sync.py", 4, None), ("algorithms_periodic.py", 4, None), ("algorithms_async_gossip.py", 4, None),
-    ("parameter_server.py", 4, None), ("scheduler.py", 4, machines_of(2)), ("bad_input.py", 4, None),
-    ("runtime_services.py", 4, None),
-]
+CUDA_JOBS = {
+    "neighbour-ops": [("neighbor_static.py", 4, {}), ("neighbor_dynamic.py", 4, {}), ("collectives.py", 3, {}),
+                      ("dynamic_families.py", 4, {})],
+    "algorithms": [("algorithms_sync.py", 4, {}), ("algorithms_periodic.py", 4, {}),
+                   ("algorithms_async_gossip.py", 4, {}), ("parameter_server.py", 4, {})],
+    "runtime-windows-hierarchical": [("windows.py", 4, {}), ("hierarchical.py", 4, machines_of(2)),
+                                     ("scheduler.py", 4, machines_of(2)), ("bad_input.py", 4, {}),
+                                     ("runtime_services.py", 4, {})],
+}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-@pytest.mark.parametrize("script,np,extra", CUDA_CASES,
-                         ids=[f"cuda-{s[:-3]}-np{n}{_label(e)}" for s, n, e in CUDA_CASES])
-@pytest.mark.parametrize("staging", ["staged", "cuda-aware-if-supported"])
-def test_cuda_under_mpirun(script: str, np: int, extra: dict | None, staging: str) -> None:
-    env = {"GOSSIP_TEST_DEVICE": "cuda", **(extra or {})}
-    if staging == "staged":
-        env["GOSSIP_CUDA_AWARE"] = "0"
-    run_mpi(SCRIPTS / script, np, env=env)
-
-
-# The chunked staging pipeline without a GPU: CPU tensors take the staged path (GOSSIP_STAGE_HOST=1)
-# in chunks of 64 bytes, so every test tensor is several chunks; the same correctness scripts must pass.
-STAGED_HOST = {"GOSSIP_STAGE_HOST": "1", "GOSSIP_STAGING_CHUNK_BYTES": "64"}
-STAGED_CASES = [("neighbor_static.py", 4), ("neighbor_dynamic.py", 4), ("collectives.py", 3)]
-
-
-@pytest.mark.parametrize("script,np", STAGED_CASES, ids=[f"staged-pipeline-{s[:-3]}-np{n}" for s, n in STAGED_CASES])
-def test_staging_pipeline_under_mpirun(script: str, np: int) -> None:
-    run_mpi(SCRIPTS / script, np, env=STAGED_HOST)
+@pytest.mark.parametrize("name", CUDA_JOBS, ids=[f"cuda-{name}" for name in CUDA_JOBS])
+def test_cuda_under_mpirun(name: str) -> None:
+    cuda = {"device": "cuda"}
+    run_mpi([run for script, np, settings in CUDA_JOBS[name]
+             for run in (Run(script, np, {**settings, "cuda_aware": False}, cuda),  # staged
+                         Run(script, np, settings, cuda))])  # CUDA-aware where the MPI library supports it
 
 
 # Two emulated machines of two ranks (network namespaces, 1 Gbit/s links, TCP between machines and
@@ -99,14 +103,14 @@ def test_staging_pipeline_under_mpirun(script: str, np: int) -> None:
 # averaging and windows with several-MB messages, and every registered synchronous algorithm against
 # its equation. Needs root and Linux network namespaces; skipped with the reason otherwise.
 EMULATED = ("2x2", "1gbit")
-EMULATED_CASES = [("large_messages.py", {"GOSSIP_DEBUG_BUFFERS": "1"}),
-                  ("algorithms_sync.py", None),
-                  ("windows.py", None), ("hierarchical.py", None)]
+EMULATED_RUNS = [Run("large_messages.py", 4, {"debug_buffers": True}), Run("algorithms_sync.py", 4),
+                 Run("windows.py", 4), Run("hierarchical.py", 4)]
 
 
-@pytest.mark.parametrize("script,env", EMULATED_CASES, ids=[f"emulated-2x2-{s[:-3]}" for s, _ in EMULATED_CASES])
-def test_on_emulated_machines(script: str, env: dict | None) -> None:
+@pytest.mark.emulated
+@pytest.mark.parametrize("emulated", [EMULATED], ids=["emulated-2x2"])
+def test_on_emulated_machines(emulated: tuple[str, str]) -> None:
     reason = emulation_unavailable()
     if reason is not None:
         pytest.skip(f"no emulated cluster here: {reason}")
-    run_mpi(SCRIPTS / script, 4, env=env, emulated=EMULATED, timeout=300)
+    run_mpi(EMULATED_RUNS, emulated=emulated, limit=300)

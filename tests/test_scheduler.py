@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gossip.cost_model import CostModel, LinkCost
-from gossip.profiles import cluster_profile
-from gossip.scheduler import describe_candidates, rank_candidates
+from gossip.plan.cost_model import CostModel, LinkCost
+from gossip.plan.profiles import cluster_profile
+from gossip.plan.scheduler import describe_candidates, rank_candidates
 
 NVLINK = LinkCost(latency=10e-6, inverse_bandwidth=1 / 130e9)
 ETHERNET = LinkCost(latency=30e-6, inverse_bandwidth=1 / 3.125e9)
@@ -88,7 +88,7 @@ def test_cluster_profiles_and_the_scale_simulation():
     assert row["scheduler"] == "hierarchical"
     table = {"ethernet-25g": {m: {"256": simulate_scale.predict("ethernet-25g", b, 256)}
                               for m, b in simulate_scale.MODELS.items()}}
-    lines = simulate_scale.compare_with_seed(table)
+    lines = simulate_scale.compare_with_paper(table)
     assert any("ResNet-50" in line and "/ 278 =" in line and "/ 150 =" in line for line in lines)
     with pytest.raises(ValueError, match="unknown cluster profile 'token-ring'"):
         cluster_profile("token-ring", 8)

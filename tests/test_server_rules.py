@@ -33,7 +33,7 @@ def _run(rule, order: list[int], workers: int):
 
 def _ormo_reference(arrivals, workers: int, lr: float, beta: float, first_t: int = 0,
                     delay_adaptive: bool = False) -> list[np.ndarray]:
-    """The OrMo recursion of ../shared/ALGORITHMS.md, server iterations counted from ``first_t``;
+    """The OrMo recursion of Shi, Yang, Li (NeurIPS 2024), server iterations counted from ``first_t``;
     ``delay_adaptive``: OrMo-DA, η scaled by min(1, K/τ) for a gradient of staleness τ = t − ite."""
     w, u, latest, out = np.zeros(DIM), np.zeros(DIM), 0, []
     for t, (worker, ite) in enumerate(arrivals, start=first_t):

@@ -8,8 +8,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from gossip.staging import StagingPipeline, chunk_bytes_from_env, stage_host_from_env
-from gossip.tensors import BufferPool, mpi_buffer
+from gossip.settings import Settings
+from gossip.transport._buffers import BufferPool, mpi_buffer
+from gossip.transport._staging import StagingPipeline
+from gossip.transport._waiting import Watchdog
 
 
 def _echo(fan_in: int):
@@ -26,7 +28,7 @@ def _echo(fan_in: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_every_chunk_is_sent_received_and_consumed_in_order(numel, chunk_bytes, dtype):
     pool = BufferPool()
-    pipeline = StagingPipeline(pool, chunk_bytes=chunk_bytes, stage_host=True)
+    pipeline = StagingPipeline(pool, Watchdog(0), chunk_bytes=chunk_bytes, stage_host=True)
     flat = torch.arange(numel, dtype=torch.float32).to(dtype)
     result = torch.full((numel,), -1.0, dtype=dtype)
     spans = []
@@ -46,7 +48,7 @@ def test_every_chunk_is_sent_received_and_consumed_in_order(numel, chunk_bytes, 
 
 
 def test_no_receivers_and_an_empty_tensor():
-    pipeline = StagingPipeline(BufferPool(), chunk_bytes=8, stage_host=True)
+    pipeline = StagingPipeline(BufferPool(), Watchdog(0), chunk_bytes=8, stage_host=True)
     seen = []
     pipeline.run(torch.ones(5), 0, lambda send, recv, m: [], lambda a, b, received: seen.append((a, b, received)),
                  "test")
@@ -56,29 +58,37 @@ def test_no_receivers_and_an_empty_tensor():
     assert seen == []
 
 
-def test_environment_settings(monkeypatch):
+def test_settings_come_from_the_environment_once_and_init_keywords_win(monkeypatch):
     monkeypatch.setenv("GOSSIP_STAGING_CHUNK_BYTES", "1024")
     monkeypatch.setenv("GOSSIP_STAGE_HOST", "1")
-    assert chunk_bytes_from_env() == 1024 and stage_host_from_env()
+    monkeypatch.setenv("GOSSIP_OP_TIMEOUT", "2.5")
+    monkeypatch.setenv("GOSSIP_CUDA_AWARE", "0")
+    settings = Settings.resolve()
+    assert (settings.staging_chunk_bytes, settings.stage_host, settings.op_timeout, settings.cuda_aware) == \
+        (1024, True, 2.5, False)
+    assert Settings.resolve(stage_host=False, op_timeout=7).stage_host is False
+    assert Settings.resolve(op_timeout=7).op_timeout == 7.0
+    assert "op_timeout=2.5" in settings.describe()
     monkeypatch.setenv("GOSSIP_STAGING_CHUNK_BYTES", "0")
     with pytest.raises(ValueError, match="GOSSIP_STAGING_CHUNK_BYTES must be >= 1"):
-        chunk_bytes_from_env()
+        Settings.resolve()
+    monkeypatch.setenv("GOSSIP_STAGING_CHUNK_BYTES", "4096")
     monkeypatch.setenv("GOSSIP_STAGE_HOST", "yes")
     with pytest.raises(ValueError, match="GOSSIP_STAGE_HOST must be 0 or 1"):
-        stage_host_from_env()
+        Settings.resolve()
+    monkeypatch.setenv("GOSSIP_STAGE_HOST", "0")
+    with pytest.raises(ValueError, match="op_timeout must be positive"):
+        Settings.resolve(op_timeout=-1)
+    with pytest.raises(TypeError, match="unknown setting"):
+        Settings.resolve(chekc=False)
+    monkeypatch.setenv("GOSSIP_CUDA_AWARE", "maybe")
+    with pytest.raises(ValueError, match="GOSSIP_CUDA_AWARE must be 0 or 1"):
+        Settings.resolve()
 
 
-def test_cuda_awareness_is_asked_of_the_loaded_mpi_library(monkeypatch):
+def test_cuda_awareness_is_asked_of_the_loaded_mpi_library():
     from gossip import transport
 
     libraries = transport._loaded_mpi_libraries()  # mpi4py loaded it privately: found through the process's maps
     assert any("libmpi" in path for path in libraries), libraries
-    monkeypatch.delenv("GOSSIP_CUDA_AWARE", raising=False)
     assert transport.detect_cuda_aware() is transport._query_library_cuda_support()
-    monkeypatch.setenv("GOSSIP_CUDA_AWARE", "1")
-    assert transport.detect_cuda_aware() is True
-    monkeypatch.setenv("GOSSIP_CUDA_AWARE", "0")
-    assert transport.detect_cuda_aware() is False
-    monkeypatch.setenv("GOSSIP_CUDA_AWARE", "maybe")
-    with pytest.raises(ValueError, match="GOSSIP_CUDA_AWARE must be 0 or 1"):
-        transport.detect_cuda_aware()

@@ -31,7 +31,7 @@ from topologies.dynamic import (
     GraphSequence,
     OnePeer,
     OnePeerExponentialTwo,
-    OnePeerSchedule,
+    OnePeerFamily,
     RandomMatching,
     StepPeers,
 )
@@ -91,7 +91,7 @@ __all__ = [
     "InnerOuterRing",
     "OnePeer",
     "OnePeerExponentialTwo",
-    "OnePeerSchedule",
+    "OnePeerFamily",
     "RandomMatching",
     "StepPeers",
     "by_name",

@@ -94,6 +94,7 @@ def format_table(rows: list[Row], tol: float = 1e-6) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m topologies``: print the table (or JSON rows) for each n given."""
     parser = argparse.ArgumentParser(prog="python -m topologies", description=__doc__.splitlines()[0])
     parser.add_argument("n", type=int, nargs="*", default=[16, 64], help="numbers of ranks (default 16 64)")
     parser.add_argument("--message-mb", type=float, default=4.0, help="message size per neighbour in MiB")

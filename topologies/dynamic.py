@@ -3,7 +3,7 @@
 A :class:`DynamicTopology` answers, for step k and rank i, whom i sends to, whom it receives from
 and with which weights (:class:`StepPeers`, the arguments ``gossip.neighbor_allreduce`` takes),
 and the step's mixing matrix W(k) for analysis. Every family is a pure function of (step, rank)
-and its construction arguments (seeds included), so ranks agree without communicating.
+and its construction arguments (including any random seed), so ranks agree without communicating.
 One gossip step computes ``x_i <- self_weight * x_i + sum_j src_weights[j] * dst_weights_j[i] * x_j``,
 so ``W(k)[i, j] = src_weights_i[j] * dst_weights_j[i]`` and ``W(k)[i, i] = self_weight_i``.
 """
@@ -114,7 +114,7 @@ def _peers_from_graph(graph: nx.DiGraph, n: int) -> list[StepPeers]:
     return [StepPeers(self_weight[r], sources[r], destinations[r]) for r in range(n)]
 
 
-class OnePeerSchedule(DynamicTopology):
+class OnePeerFamily(DynamicTopology):
     """A family where each rank sends to at most one rank per step, given by :meth:`targets`.
 
     A receiver gives itself and each of its senders the same weight ``1 / (senders + 1)`` (1/2 with
@@ -162,7 +162,7 @@ class OnePeerSchedule(DynamicTopology):
         return StepPeers(self_weight, dict.fromkeys(mine, weight), dst)
 
 
-class OnePeerExponentialTwo(OnePeerSchedule):
+class OnePeerExponentialTwo(OnePeerFamily):
     """One-peer exponential-2 graph (Ying et al., "Exponential Graph is Provably Efficient for
     Decentralized Deep Training", NeurIPS 2021).
 
@@ -186,7 +186,7 @@ class OnePeerExponentialTwo(OnePeerSchedule):
         return (np.arange(self.n) + hop) % self.n if hop else np.full(self.n, -1)
 
 
-class OnePeer(OnePeerSchedule):
+class OnePeer(OnePeerFamily):
     """One-peer version of any static graph: at step k each rank sends to one of its out-neighbours.
 
     Rank j orders its out-neighbours d by their offset ``(d - j) mod n`` and at step k sends to the
@@ -210,7 +210,7 @@ class OnePeer(OnePeerSchedule):
         return [outs[step % len(outs)] if outs else None for outs in self._out]
 
 
-class RandomMatching(OnePeerSchedule):
+class RandomMatching(OnePeerFamily):
     """A fresh random perfect matching every step; matched pairs average (weight 1/2 each).
 
     The matching at step k pairs consecutive entries of a permutation drawn from

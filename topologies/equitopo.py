@@ -1,7 +1,7 @@
 """EquiTopo graphs: random circulant sums with an O(1) consensus rate (Song et al., NeurIPS 2022).
 
-Song, Li, Yuan, Yin et al., "Communication-Efficient Topologies for Decentralized Learning with
-O(1) Consensus Rate", NeurIPS 2022. The building block for a shift u in {1..n-1} is
+Song, Li, Jin, Shi, Yan, Yin and Yuan, "Communication-Efficient Topologies for Decentralized
+Learning with O(1) Consensus Rate", NeurIPS 2022. The building block for a shift u in {1..n-1} is
 
     A(u) = I/n + (n-1)/n * P^u,        P^u: node i sends to (i + u) mod n,
 
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import networkx as nx
 import numpy as np
 
-from topologies.dynamic import OnePeerSchedule
+from topologies.dynamic import OnePeerFamily
 from topologies.static import ceil_log, check_seed, check_size
 from topologies.weights import from_matrix
 
@@ -114,7 +114,7 @@ def u_equi_static(n: int, M: int | None = None, *, eps: float | None = None, p: 
     return from_matrix((w + w.T) / 2)
 
 
-class _EquiDyn(OnePeerSchedule):
+class _EquiDyn(OnePeerFamily):
     def __init__(self, n: int, eta: float | None = None, seed: int = 0, shifts: Sequence[int] | None = None) -> None:
         check_size(n)
         check_seed(seed)
@@ -150,7 +150,8 @@ class OnePeerDirectedEquiDyn(_EquiDyn):
 class OnePeerUndirectedEquiDyn(_EquiDyn):
     """OU-EquiDyn: at step k, a shift u and a start node s drawn uniformly; scanning i = s, s+1, ...
     (mod n), i pairs with ``(i + u) mod n`` if both are still unpaired. Each pair exchanges both ways
-    with weight ``eta (n-1)/n``; unpaired ranks sit the step out. W(k) is symmetric.
+    with weight ``eta (n-1)/n``; unpaired ranks sit the step out. W(k) is symmetric. ``eta``, ``seed``
+    and ``shifts`` as for :class:`OnePeerDirectedEquiDyn`.
     """
 
     def targets(self, step: int) -> list[int | None]:

@@ -7,15 +7,15 @@ step moves one message per machine over the network and the outer role rotates t
 local ranks. Every rank sends to at most one rank and receives from at most one, weight 1/2:
 each W(k) is doubly stochastic. Needs 1 or at least 3 local ranks per machine (with 2, the
 inner group is one rank and a machine's two local ranks never exchange). (After the inner/outer
-schedules of BlueFog: Ying et al., "BlueFog: Make Decentralized Algorithms Practical for
-Optimization and Deep Learning", 2021.)
+schedules of BlueFog: Ying, Yuan, Hu, Chen and Yin, "BlueFog: Make Decentralized Algorithms Practical
+for Optimization and Deep Learning", arXiv 2111.04287, 2021.)
 """
 
 from __future__ import annotations
 
 from math import lcm
 
-from topologies.dynamic import OnePeerSchedule
+from topologies.dynamic import OnePeerFamily
 from topologies.static import ceil_log, check_size
 
 
@@ -40,7 +40,7 @@ def _hop(step: int, size: int, ring: bool) -> int:
     return 1 if ring else 2 ** (step % ceil_log(size, 2))
 
 
-class _InnerOuter(OnePeerSchedule):
+class _InnerOuter(OnePeerFamily):
     _ring: bool
 
     def __init__(self, n: int, local_size: int) -> None:

@@ -82,7 +82,8 @@ def lazy(graph: nx.DiGraph) -> nx.DiGraph:
     """The lazy version ``(I + W) / 2`` of a weighted graph: every weight halved, self weights plus 1/2.
 
     Keeps row and column sums, moves every eigenvalue λ to (1 + λ)/2 ≥ 0: λ_min(W) > -1/3, which
-    D² needs, holds for any lazy symmetric W.
+    D² needs (Tang, Lian, Yan, Zhang and Liu, "D²: Decentralized Training over Decentralized Data",
+    ICML 2018), holds for any lazy symmetric W.
     """
     return from_matrix((np.eye(graph.number_of_nodes()) + mixing_matrix(graph)) / 2)
 

@@ -1,7 +1,13 @@
 """Helpers for the multi-rank test scripts (imported on every rank by tests/mpi_runner.py).
 
+A script's tests run on ``GROUP``: the ranks of one run, a sub-communicator of ``MPI.COMM_WORLD``
+(the first ``size`` ranks of the job) on which the runner started the runtime with the run's
+settings. ``GROUP`` and ``PARAMS`` (the run's test parameters, read with :func:`param`) are set by
+the runner before it loads the script, so a script's module-level ``N = GROUP.size`` and
+``R = GROUP.rank`` are those of the run.
+
 Expected values are computed independently of the runtime: each rank's state is gathered with
-plain mpi4py (pickled NumPy float64 arrays) and the answer is worked out in NumPy.
+plain mpi4py on ``GROUP`` (pickled NumPy float64 arrays) and the answer is worked out in NumPy.
 """
 
 from __future__ import annotations
@@ -14,13 +20,25 @@ from mpi4py import MPI
 
 import gossip
 
-WORLD = MPI.COMM_WORLD
+GROUP: MPI.Comm = MPI.COMM_WORLD  # the ranks of the current run (set by tests/mpi_runner.py)
+PARAMS: dict = {}  # the current run's test parameters (set by tests/mpi_runner.py)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 class Skip(Exception):
     """Raise in a test function to mark it skipped on this rank."""
+
+
+def enter_run(group: MPI.Comm, params: dict) -> None:
+    """Make ``group`` and ``params`` the current run's (called by the runner before a script loads)."""
+    global GROUP, PARAMS
+    GROUP, PARAMS = group, dict(params)
+
+
+def param(name: str, default):
+    """The current run's test parameter ``name`` (``device``, ``hidden``, ...), else ``default``."""
+    return PARAMS.get(name, default)
 
 
 def expect_error(call, *fragments: str, error: type[Exception] = ValueError) -> str:
@@ -30,14 +48,15 @@ def expect_error(call, *fragments: str, error: type[Exception] = ValueError) -> 
     except error as raised:
         text = str(raised)
         for fragment in fragments:
-            assert fragment in text, f"rank {WORLD.rank}: expected {fragment!r} in the error:\n{text}"
+            assert fragment in text, f"rank {GROUP.rank}: expected {fragment!r} in the error:\n{text}"
         return text
-    raise AssertionError(f"rank {WORLD.rank}: no {error.__name__} raised (expected {fragments})")
+    raise AssertionError(f"rank {GROUP.rank}: no {error.__name__} raised (expected {fragments})")
 
 
 def device() -> torch.device:
-    """The device tests put tensors on: ``GOSSIP_TEST_DEVICE`` (cpu by default)."""
-    name = os.environ.get("GOSSIP_TEST_DEVICE", "cpu")
+    """The device tests put tensors on: the run's ``device`` parameter, else ``GOSSIP_TEST_DEVICE``,
+    else cpu."""
+    name = param("device", os.environ.get("GOSSIP_TEST_DEVICE", "cpu"))
     if name == "cuda":
         if not torch.cuda.is_available():
             raise Skip("no CUDA device")
@@ -47,14 +66,14 @@ def device() -> torch.device:
 
 def rank_values(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """A tensor that differs on every rank, exactly representable in every dtype tested."""
-    g = torch.Generator().manual_seed(1000 * seed + WORLD.rank)
+    g = torch.Generator().manual_seed(1000 * seed + GROUP.rank)
     values = torch.randint(-64, 64, shape, generator=g).to(torch.float64) / 8.0
     return values.to(dtype).to(device())
 
 
 def gathered(x: torch.Tensor) -> np.ndarray:
     """Every rank's tensor as rows of an (n, numel) float64 array, gathered with plain mpi4py."""
-    return np.stack(WORLD.allgather(x.detach().to("cpu", torch.float64).reshape(-1).numpy()))
+    return np.stack(GROUP.allgather(x.detach().to("cpu", torch.float64).reshape(-1).numpy()))
 
 
 def assert_close(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype, what: str) -> None:
@@ -64,5 +83,5 @@ def assert_close(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype,
     scale = max(1.0, float(np.abs(want).max(initial=0.0)))
     err = float(np.abs(got - want).max(initial=0.0))
     assert err <= TOLERANCE[dtype] * scale, (
-        f"rank {WORLD.rank}: {what} ({dtype}) off by {err:.3g}; got {got[:4]}..., want {want[:4]}..."
+        f"rank {GROUP.rank}: {what} ({dtype}) off by {err:.3g}; got {got[:4]}..., want {want[:4]}..."
     )

@@ -5,15 +5,15 @@ different paces, nobody waits and the models still agree; clear errors."""
 import time
 
 import numpy as np
-from _common import WORLD, expect_error
+from _common import GROUP, expect_error
 from algorithms_sync import TOL, gather, loss_of, make_model
 
 import algorithms
 import gossip
 import topologies
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def destinations(topology, step: int, rank: int) -> list[int]:

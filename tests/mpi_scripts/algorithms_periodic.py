@@ -10,15 +10,15 @@ import itertools
 
 import numpy as np
 import torch
-from _common import WORLD, device, expect_error
+from _common import GROUP, device, expect_error
 from algorithms_sync import TOL, check_round_trip, gather, loss_of, make_model, mixing, reference, trajectory
 
 import algorithms
 import gossip
 import topologies
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 STEPS = 10
 
 
@@ -68,7 +68,8 @@ def test_local_sgd_is_k_step_averaging():
     check_local_sgd({"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3, "period": 2})
     check_local_sgd({"lr": 0.05, "momentum": 0.5, "period": 4, "warmup_steps": 3})
     check_local_sgd({"lr": 0.1, "period": None}, steps=4)
-    ops = [gossip.schedule.PeriodicGlobalAverage(gossip.schedule.NoCommunication(), 3, warmup_steps=2).plan(k).op
+    schedule = gossip.plan.schedule
+    ops = [schedule.PeriodicGlobalAverage(schedule.NoCommunication(), 3, warmup_steps=2).plan(k).op
            for k in range(8)]
     assert ops == ["allreduce", "allreduce", "none", "none", "allreduce", "none", "none", "allreduce"], ops
 
@@ -222,7 +223,7 @@ def test_cr_psgd_and_catalyst_follow_their_equations():
         if name == "cr-psgd-catalyst":
             assert opt.inner_budget == 7 and opt.inner_steps == 3  # floor(sqrt(T/N)) = 7: batches [1, 2, 4]
             assert opt.rounds == 7 * N and opt.batch_sizes == [1, 2, 4] * opt.rounds  # floor(sqrt(N T)) rounds
-        sampler = gossip.data.ScheduledBatchSampler(1000, opt.batch_sizes, seed=R)
+        sampler = gossip.tools.data.ScheduledBatchSampler(1000, opt.batch_sizes, seed=R)
         for k, indices in enumerate(itertools.islice(sampler, 11)):  # all of CR-PSGD, the catalyst's first 11
             assert len(indices) == opt.batch_size(k)
             x, y = _growing_batch(k, len(indices))
@@ -264,4 +265,4 @@ def test_bad_configuration_is_refused_clearly():
     expect_error(lambda: algorithms.create("cr-psgd", params(), lr=0.1, budget=4, first_batch=8), "budget")
     expect_error(lambda: algorithms.create("cr-psgd-catalyst", params(), lr=0.1, budget=10 * N, first_batch=8),
             "below the first batch")
-    expect_error(lambda: gossip.data.ScheduledBatchSampler(10, [4, 0]), "batch size")
+    expect_error(lambda: gossip.tools.data.ScheduledBatchSampler(10, [4, 0]), "batch size")

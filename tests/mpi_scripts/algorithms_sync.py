@@ -5,22 +5,20 @@ are gathered and fed to an independent NumPy implementation of the equation (wit
 mixing matrix W(k) from the topology); the gathered parameters must follow it to float32 round-off.
 """
 
-import os
-
 import numpy as np
 import torch
-from _common import WORLD, device
+from _common import GROUP, device, param
 
 import algorithms
 import gossip
 import topologies
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 STEPS = 7
 TOL = 2e-5
-# Hidden width of the test network: GOSSIP_TEST_HIDDEN=40000 makes every message 1.6 MB (several chunks).
-HIDDEN = int(os.environ.get("GOSSIP_TEST_HIDDEN", "5"))
+# Hidden width of the test network (the run's ``hidden`` parameter): 30000 makes every message 1.2 MB (several chunks).
+HIDDEN = int(param("hidden", 5))
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
@@ -41,7 +39,7 @@ def loss_of(model, step):
 
 
 def gather(t: torch.Tensor) -> np.ndarray:
-    return np.stack(WORLD.allgather(t.detach().double().cpu().numpy().copy()))
+    return np.stack(GROUP.allgather(t.detach().double().cpu().numpy().copy()))
 
 
 def dsgd_follows(schedule, mixing_at, steps: int = 3, seed: int = 3) -> None:
@@ -302,7 +300,7 @@ def test_state_dict_round_trip_mid_run_is_bitwise():
 
 
 def test_schedules_and_bad_input():
-    from gossip import schedule
+    from gossip.plan import schedule
 
     pga = schedule.schedule_for(topologies.OnePeerExponentialTwo(N), global_avg_every=3)
     ops = [pga.plan(k).op for k in range(7)]

@@ -7,13 +7,13 @@ leaves any rank behind. After each error the runtime must still work.
 import networkx as nx
 import numpy as np
 import torch
-from _common import WORLD, assert_close, expect_error, gathered, rank_values
+from _common import GROUP, assert_close, expect_error, gathered, rank_values
 
 import gossip
 import topologies
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def _expect_error(call, *fragments):

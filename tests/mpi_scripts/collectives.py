@@ -1,17 +1,19 @@
 """allreduce, broadcast, allgather, barrier, broadcast_parameters, layout queries, FlatBuffer."""
 
+import time
+
 import torch
-from _common import DTYPES, WORLD, assert_close, device, gathered, rank_values
+from _common import DTYPES, GROUP, assert_close, device, gathered, rank_values
 
 import gossip
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def test_rank_size_and_layout():
     assert gossip.rank() == R and gossip.size() == N
-    local = WORLD.Split_type(WORLD.COMM_TYPE_SHARED if hasattr(WORLD, "COMM_TYPE_SHARED") else 0)
+    local = GROUP.Split_type(GROUP.COMM_TYPE_SHARED if hasattr(GROUP, "COMM_TYPE_SHARED") else 0)
     assert gossip.local_size() == local.size and gossip.local_rank() == local.rank
     local.Free()
     assert gossip.machine_size() == 1 and gossip.machine_rank() == 0  # one host in tests
@@ -51,8 +53,21 @@ def test_allgather_with_different_first_dims():
     assert torch.equal(got.cpu(), want)
 
 
-def test_barrier():
-    gossip.barrier()
+def test_barrier_waits_for_the_last_rank():
+    """No rank returns from the barrier before the last one has entered it: one rank at a time
+    sleeps 0.3 s before entering, and every rank's return must come after that rank's arrival (all
+    ranks run on one host here, so their monotonic clocks, ``time.perf_counter``, agree)."""
+    for late in sorted({0, N - 1}):
+        gossip.barrier()
+        if R == late:
+            time.sleep(0.3)
+        entered = time.perf_counter()
+        gossip.barrier()
+        left = time.perf_counter()
+        arrivals = GROUP.allgather(entered)
+        assert left >= arrivals[late], (
+            f"rank {R} left the barrier {arrivals[late] - left:.3f} s before rank {late} entered it "
+            f"(it waited {left - entered:.3f} s)")
 
 
 def test_broadcast_parameters_makes_models_equal():

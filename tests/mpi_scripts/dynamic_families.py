@@ -6,13 +6,13 @@ Static families run through ``set_topology`` and the default neighbour averaging
 """
 
 import torch
-from _common import WORLD, assert_close, gathered, rank_values
+from _common import GROUP, assert_close, gathered, rank_values
 
 import gossip
 import topologies
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def _families():

@@ -1,26 +1,26 @@
 """Hierarchical neighbour averaging against its closed form: machine means (from the gathered
 tensors and each rank's machine) mixed by the machine-level W, on every rank of each machine.
-Run with GOSSIP_RANKS_PER_MACHINE=k to pretend k ranks per machine on one host."""
+Run with the ``ranks_per_machine=k`` setting to pretend k ranks per machine on one host."""
 
 import numpy as np
 import torch
-from _common import WORLD, expect_error, rank_values
+from _common import GROUP, expect_error, rank_values
 from algorithms_sync import dsgd_follows
 
 import gossip
 import topologies
-from gossip.schedule import HierarchicalSchedule, schedule_for
+from gossip.plan.schedule import HierarchicalSchedule, schedule_for
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def _layout() -> np.ndarray:
-    return np.array(WORLD.allgather(gossip.machine_rank()))
+    return np.array(GROUP.allgather(gossip.machine_rank()))
 
 
 def _expected(x: torch.Tensor, w: np.ndarray) -> np.ndarray:
-    everyone = np.stack(WORLD.allgather(x.detach().double().cpu().numpy().reshape(-1)))
+    everyone = np.stack(GROUP.allgather(x.detach().double().cpu().numpy().reshape(-1)))
     machine_of = _layout()
     means = np.stack([everyone[machine_of == m].mean(axis=0) for m in range(gossip.machine_size())])
     return (w @ means)[gossip.machine_rank()]
@@ -59,7 +59,7 @@ def test_closed_form_on_static_and_time_varying_machine_graphs():
 
 def test_one_machine_is_the_global_average_and_repeats_reach_consensus():
     x = rank_values((6,), torch.float64)
-    mean = np.mean(np.stack(WORLD.allgather(x.cpu().numpy())), axis=0)
+    mean = np.mean(np.stack(GROUP.allgather(x.cpu().numpy())), axis=0)
     if gossip.machine_size() == 1:
         assert np.allclose(gossip.hierarchical_neighbor_allreduce(x).cpu().numpy(), mean, atol=1e-12)
     family = topologies.OnePeerExponentialTwo(gossip.machine_size())

@@ -1,5 +1,5 @@
 """Messages of several MB, where MPI no longer copies eagerly: every op against NumPy, buffers that
-outlive the caller's handle, and (under GOSSIP_DEBUG_BUFFERS=1) the checks that catch misuse.
+outlive the caller's handle, and (with ``debug_buffers``) the checks that catch misuse.
 
 Run over Open MPI's TCP transport (``OMPI_MCA_btl=tcp,self``) and on emulated machines, where a
 buffer freed or reused while in flight shows as a crash or as wrong values.
@@ -9,15 +9,15 @@ import gc
 
 import numpy as np
 import torch
-from _common import WORLD, assert_close, expect_error, gathered, rank_values
+from _common import GROUP, assert_close, expect_error, gathered, rank_values
 
 import algorithms
 import gossip
 import topologies
-from gossip.context import current
+from gossip.runtime import current
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 BIG = 1_500_000  # float32: 6 MB, several 1 MiB chunks
 
 
@@ -112,7 +112,7 @@ def test_collectives_and_hierarchical():
     assert_close(gossip.broadcast(x, root=N - 1), rows[N - 1], torch.float32, "broadcast, 6 MB")
     machines = gossip.machine_size()
     y = gossip.hierarchical_neighbor_allreduce(x)
-    local = np.array(WORLD.allgather(gossip.machine_rank()))
+    local = np.array(GROUP.allgather(gossip.machine_rank()))
     means = np.stack([rows[local == m].mean(axis=0) for m in range(machines)])
     w = topologies.mixing_matrix(topologies.exponential_two(machines))
     assert_close(y, w[gossip.machine_rank()] @ means, torch.float32, "hierarchical, 6 MB")
@@ -147,16 +147,14 @@ def test_emulated_machines_are_separate_hosts():
 
     if "GOSSIP_EMULATED_LINK_BITS" not in os.environ:
         return
-    names = WORLD.allgather(socket.gethostname())
+    names = GROUP.allgather(socket.gethostname())
     assert len(set(names)) == gossip.machine_size() > 1, (names, gossip.machine_size())
     assert not gossip.uses_shared_memory()
 
 
 def test_progress_thread_runs_when_asked_and_sleeps_when_idle():
-    import os
-
     progress = current().progress
-    if os.environ.get("GOSSIP_PROGRESS_THREAD") != "1":
+    if not gossip.settings().progress_thread:
         assert progress is None
         return
     assert progress is not None and progress._thread.is_alive()

@@ -2,13 +2,13 @@
 
 import numpy as np
 import torch
-from _common import DTYPES, WORLD, assert_close, gathered, rank_values
+from _common import DTYPES, GROUP, assert_close, gathered, rank_values
 
 import gossip
 import topologies
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def test_one_peer_exponential_two_matches_w_of_k():

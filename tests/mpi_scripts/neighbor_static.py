@@ -3,13 +3,13 @@
 import networkx as nx
 import numpy as np
 import torch
-from _common import DTYPES, WORLD, assert_close, device, gathered, rank_values
+from _common import DTYPES, GROUP, assert_close, device, gathered, rank_values
 
 import gossip
 import topologies
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def _check_graph(graph, dtype=torch.float32, shape=(5, 3)):

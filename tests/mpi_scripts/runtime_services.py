@@ -6,19 +6,19 @@ import time
 from pathlib import Path
 
 import torch
-from _common import WORLD
+from _common import GROUP
 
 import gossip
-from gossip import checkpoint, timeline
+from gossip.tools import checkpoint, timeline
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def _shared_directory() -> Path:
     """A fresh directory every rank sees (all ranks run on this host in tests)."""
     path = tempfile.mkdtemp(prefix="gossip-ckpt-") if R == 0 else None
-    return Path(WORLD.bcast(path, root=0))
+    return Path(GROUP.bcast(path, root=0))
 
 
 def test_checkpoint_round_trip_keeps_newest_and_is_rank_consistent():

@@ -1,37 +1,38 @@
 """The hardware layout, gossip.probe() and the scheduler on the running job: the same finite model
 on every rank; Scheduler.auto builds the schedule its cost model picks, and DSGD on it follows
-x ← W(x − γg) with that plan's W. Run with GOSSIP_RANKS_PER_MACHINE=k to pretend machines."""
+x ← W(x − γg) with that plan's W. Run with the ``ranks_per_machine=k``
+setting to pretend machines."""
 
 import math
 
 import numpy as np
 import torch
-from _common import WORLD, expect_error
+from _common import GROUP, expect_error
 from algorithms_sync import dsgd_follows
 
 import gossip
 import topologies
 from gossip import CostModel, LinkCost, Scheduler
-from gossip.schedule import AllreduceSchedule, PeriodicGlobalAverage
+from gossip.plan.schedule import AllreduceSchedule, PeriodicGlobalAverage
 
-N = WORLD.size
+N = GROUP.size
 FAST, SLOW = LinkCost(0.0, 1e-12), LinkCost(0.0, 1e-9)  # bandwidth only
 LATENCY = LinkCost(1e-5, 0.0)  # latency only
 
 
 def test_layout():
     layout = gossip.layout()
-    local_sizes = WORLD.allgather(gossip.local_size())
+    local_sizes = GROUP.allgather(gossip.local_size())
     assert (layout.size, layout.machines, layout.local_size) == (N, gossip.machine_size(), gossip.local_size())
     assert layout.ranks_per_machine == max(local_sizes)
     assert layout.gpus_per_machine == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    assert WORLD.allgather(layout.machines) == [layout.machines] * N
+    assert GROUP.allgather(layout.machines) == [layout.machines] * N
 
 
 def test_probe_measures_the_links():
     model = gossip.probe(repeats=6)
-    assert model.size == N and model.ranks_per_machine == max(WORLD.allgather(gossip.local_size()))
-    assert WORLD.allgather(model) == [model] * N  # every rank got rank 0's measurements
+    assert model.size == N and model.ranks_per_machine == max(GROUP.allgather(gossip.local_size()))
+    assert GROUP.allgather(model) == [model] * N  # every rank got rank 0's measurements
     for link in (model.intra, model.inter):
         for value in (link.latency, link.inverse_bandwidth, link.reduce):
             assert math.isfinite(value) and value >= 0, model
@@ -59,7 +60,7 @@ def test_auto_builds_and_runs_the_plan_it_chose():
     if machines > 1 and k > 1:
         chosen = Scheduler.auto(1e8, CostModel(FAST, SLOW, N, k))
         assert chosen.choice.name == "hierarchical", chosen.describe()
-        machine_of = np.array(WORLD.allgather(gossip.machine_rank()))
+        machine_of = np.array(GROUP.allgather(gossip.machine_rank()))
         sizes = np.bincount(machine_of)
         between = topologies.OnePeerExponentialTwo(machines)
         dsgd_follows(chosen, lambda step: between.mixing_matrix(step)[machine_of][:, machine_of]
@@ -84,6 +85,6 @@ def test_auto_probes_by_default_and_refuses_inconsistent_input():
     expect_error(lambda: Scheduler.auto(1e3, CostModel(LATENCY, LATENCY, N + 1, 1)), f"the job has {N}")
     expect_error(lambda: Scheduler.auto(0, CostModel(LATENCY, LATENCY, N, 1)), "model_bytes")
     # rank 0 alone thinks the model is large: the choices differ, every rank raises
-    model_bytes = 1e8 if WORLD.rank == 0 else 1e3
+    model_bytes = 1e8 if GROUP.rank == 0 else 1e3
     expect_error(lambda: Scheduler.auto(model_bytes, CostModel(LATENCY, SLOW, N, 1, overhead=1e-3)),
                  "Scheduler.auto chose", "on rank 0", error=gossip.InputMismatchError)

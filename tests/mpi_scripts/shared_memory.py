@@ -1,18 +1,16 @@
 """Neighbour averaging through node shared memory: zero-copy tensors, in-place results, staging growth."""
 
-import os
-
 import networkx as nx
 import torch
-from _common import WORLD, Skip, assert_close, gathered, rank_values
+from _common import GROUP, Skip, assert_close, gathered, rank_values
 
 import gossip
 import topologies
-from gossip.context import current
+from gossip.runtime import current
 
-N = WORLD.size
-R = WORLD.rank
-ENABLED = os.environ.get("GOSSIP_SHARED_MEMORY", "1") != "0"
+N = GROUP.size
+R = GROUP.rank
+ENABLED = gossip.settings().shared_memory
 
 
 def test_shared_memory_is_used_exactly_when_it_can_be():

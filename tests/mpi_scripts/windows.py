@@ -5,13 +5,13 @@ import time
 
 import numpy as np
 import torch
-from _common import WORLD, device, expect_error
+from _common import GROUP, device, expect_error
 
 import gossip
 import topologies
 
-N = WORLD.size
-R = WORLD.rank
+N = GROUP.size
+R = GROUP.rank
 
 
 def _value(rank: int, numel: int = 5, dtype=torch.float64) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_weighted_put_accumulate_and_get_closed_forms():
         gossip.barrier()  # x is now published; neighbours fetch it
         win.get(src_weights=dict.fromkeys(ins, 0.25))
         gossip.barrier()
-        everyone = WORLD.allgather(x.cpu().numpy())
+        everyone = GROUP.allgather(x.cpu().numpy())
         for j, buffer in win.buffers().items():
             assert np.allclose(buffer.numpy(), 0.25 * everyone[j]), j
         assert win.versions() == dict.fromkeys(ins, 1)

@@ -1,0 +1,102 @@
+"""The start every op shares: validate the argument, agree across ranks, widen half types, pick the output.
+
+An op first finds its local problems (:func:`tensor_problem`, :func:`check_out`, its own checks)
+without raising, so that one rank's bad argument cannot leave the others waiting in a transfer;
+:func:`agree` then either raises that problem with the rank (cross-rank check off) or lets every
+rank agree, in one small allreduce (:mod:`gossip.ops._checks`), that the inputs fit together,
+raising :class:`gossip.InputMismatchError` on every rank when they do not. Half types are reduced
+in float32 (:func:`widen`), and the result goes into the caller's ``out=`` when it fits and does
+not overlap what neighbours still read (:func:`pick_output`), else into a new tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from gossip.ops import _checks as checks
+from gossip.runtime import Runtime
+from gossip.transport._buffers import FLOAT_DTYPES, LOW_PRECISION, overlaps
+
+#: dtypes of the weighted (neighbour, hierarchical) ops: float32/float64, and float16/bfloat16 reduced in float32.
+FLOATS = FLOAT_DTYPES
+
+Problem = str | TypeError | ValueError | None
+
+
+def tensor_problem(tensor: object, op: str, allowed: tuple[torch.dtype, ...],
+                   bad_dtype: str = "{op} does not support dtype {dtype}") -> str | None:
+    """What is wrong with ``tensor`` as ``op``'s argument (not a tensor, or a dtype outside
+    ``allowed``; ``bad_dtype`` words the latter), or None."""
+    if not isinstance(tensor, torch.Tensor):
+        return f"{op} takes a torch.Tensor, got {type(tensor).__name__}"
+    if tensor.dtype not in allowed:
+        return bad_dtype.format(op=op, dtype=tensor.dtype)
+    return None
+
+
+def check_out(out: torch.Tensor, like: torch.Tensor) -> None:
+    """Raise ValueError unless ``out`` has ``like``'s shape, dtype and device."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"out has shape {tuple(out.shape)} {out.dtype} on {out.device}, expected "
+            f"{tuple(like.shape)} {like.dtype} on {like.device}"
+        )
+
+
+def describe(parts: Iterable[object]) -> str:
+    """``parts`` as words: ``(3,), float32, mean``."""
+    return ", ".join(str(p).replace("torch.", "") for p in parts)
+
+
+def agree(rt: Runtime, op: str, parts: tuple, problem: Problem, *,
+          description: str | Callable[[], str] | None = None,
+          sends_to: Iterable[int] | None = None, receives_from: Iterable[int] | None = None,
+          protocol: int | None = None) -> None:
+    """Collective when the cross-rank check is on: every rank's ``parts`` (shape, dtype, ...) must
+    match along the given edges (default: a ring, so that all ranks share one ``parts``), every
+    rank must take the same ``protocol``, and no rank may have a ``problem``; otherwise
+    :class:`gossip.InputMismatchError` on every rank. With the check off a local ``problem`` is
+    raised at once, naming the rank (a string as ValueError, an exception as its own type).
+    ``description`` words ``parts`` for error messages (default: ``"<op> of <parts>"``)."""
+    if not rt.check:
+        if problem is not None:
+            kind = ValueError if isinstance(problem, str) else type(problem)
+            raise kind(f"rank {rt.rank}: {problem}") from None
+        return
+    if sends_to is None or receives_from is None:
+        sends_to, receives_from = checks.ring_edges(rt.rank, rt.size)
+    checks.agree(rt.comm, watchdog=rt.watchdog, what=op, sends_to=sends_to, receives_from=receives_from,
+                 sig=checks.signature(op, *parts),
+                 description=f"{op} of {describe(parts)}" if description is None else description,
+                 problem=None if problem is None else str(problem), protocol=protocol)
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``dtype`` is reduced in: float32 for float16/bfloat16, else itself."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype it is reduced in (a float32 copy of a half tensor, else ``x`` itself)."""
+    return x.float() if x.dtype in LOW_PRECISION else x
+
+
+def pick_output(out: torch.Tensor | None, like: torch.Tensor, *, avoid: torch.Tensor | None = None) -> torch.Tensor:
+    """Where the op writes its result: ``out`` when it is contiguous, has ``like``'s shape, dtype
+    and device and does not overlap ``avoid`` (memory still being read); else a new tensor like
+    ``like``. Finish with :func:`deliver`."""
+    if out is not None and out.is_contiguous() and out.shape == like.shape and out.dtype == like.dtype \
+            and out.device == like.device and (avoid is None or not overlaps(out, avoid)):
+        return out
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def deliver(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The op's return value: ``out`` (holding ``result``, converted as needed) when given, else ``result``."""
+    if out is not None and result is not out:
+        return out.copy_(result)
+    return result
