@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import gossip
+from gossip.tools import metrics
 from gossip.tools.data import Split
 
 
@@ -29,12 +30,11 @@ def final_measurements(model: torch.nn.Module, opt, data: Split) -> dict:
     the test accuracy and training loss of that average, the mean over ranks of their own models'
     test accuracy, and the consensus distance (1/n) Σ_i ‖x_i − x̄‖²."""
     opt.synchronize()
-    flat = opt.x.detach().clone()
     own_accuracy = accuracy(model, data.x_test, data.y_test)
-    mean = gossip.allreduce(flat, "mean")
-    consensus = gossip.allreduce((flat - mean).square().sum().reshape(1), "mean").item()
+    mean = gossip.allreduce(opt.x.detach(), "mean")
+    consensus = metrics.consensus_distance(opt.x.detach(), mean)
     opt.x.copy_(mean)
     return {"averaged_accuracy": accuracy(model, data.x_test, data.y_test),
             "train_loss": float(F.cross_entropy(model(data.x_train), data.y_train)),
-            "rank_accuracy": gossip.allreduce(torch.tensor([own_accuracy]), "mean").item(),
+            "rank_accuracy": metrics.mean_over_ranks(own_accuracy),
             "consensus_distance": consensus}

@@ -55,8 +55,7 @@ def run(name: str, hyper: dict, a: torch.Tensor, b: torch.Tensor, x_star: np.nda
         opt.step()
         local = (x.detach() - target).square().sum().reshape(1)
         distances.append(float(gossip.allreduce(local, "mean").item()))
-    if hasattr(opt, "synchronize"):
-        opt.synchronize()
+    opt.synchronize()
     return distances
 
 

@@ -12,7 +12,7 @@ out="${OUT:-results}"
 mkdir -p "$out"
 python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))" | tee "$out/gpu.txt"
-python -m pytest -q -p no:cacheprovider tests/test_mpi.py -k cuda 2>&1 | tee "$out/gpu-tests.txt"
+python -m pytest -q -p no:cacheprovider tests/test_mpi.py tests/test_transport_routes.py -k cuda 2>&1 | tee "$out/gpu-tests.txt"
 gossiprun -np 4 python benchmarks/primitives.py --device cuda --sizes 64K,1M,16M,64M --rounds 2 \
     --json "$out/primitives-cuda-np4.json" | tee "$out/primitives-cuda-np4.txt"
 gossiprun -np 4 python benchmarks/throughput.py --device cuda --model resnet --width 64 --num-iters 5 \

@@ -151,7 +151,7 @@ def measure(label: str, args, build) -> dict:
     for k in range(args.num_iters):
         for _ in range(args.num_batches_per_iter):
             batch()
-        if k == args.num_iters - 1 and hasattr(opt, "synchronize"):
+        if k == args.num_iters - 1 and hasattr(opt, "synchronize"):  # ours; not torch.optim (DDP)
             opt.synchronize()  # the last step's gossip, still in flight, counts too
         sync()
         now = time.perf_counter()

@@ -24,18 +24,18 @@ The package, one concern per subpackage:
 
 # gossip.transport comes first: it sets the MPI transport defaults before MPI starts (mpi_settings).
 # ruff: noqa: I001
-from gossip import transport
-from gossip import ops, plan, tools
+from gossip import transport  # noqa: F401
+from gossip import ops, plan, tools  # noqa: F401 - the subpackages, as gossip.ops etc.
 from gossip.errors import GossipError, InputMismatchError, OpTimeoutError
 from gossip.ops.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters
-from gossip.ops.flat import FlatBuffer, group_by_dtype_and_device
+from gossip.ops.flat import FlatBuffer
 from gossip.ops.handles import Handle
 from gossip.ops.hierarchical import hierarchical_neighbor_allreduce
 from gossip.ops.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
 from gossip.ops.window import Window, open_windows
 from gossip.plan.cost_model import CostModel, LinkCost
 from gossip.plan.probing import probe
-from gossip.plan.schedule import Plan, Schedule, schedule_for
+from gossip.plan.schedule import Plan, Schedule
 from gossip.plan.scheduler import Scheduler
 from gossip.runtime import (
     cuda_aware,
@@ -47,7 +47,6 @@ from gossip.runtime import (
     local_size,
     machine_rank,
     machine_size,
-    op_timeout,
     out_neighbors,
     rank,
     reset_waited,
@@ -85,7 +84,6 @@ __all__ = [
     "broadcast_parameters",
     "checkpoint",
     "cuda_aware",
-    "group_by_dtype_and_device",
     "hierarchical_neighbor_allreduce",
     "in_neighbors",
     "init",
@@ -99,15 +97,11 @@ __all__ = [
     "neighbor_allgather",
     "neighbor_allreduce",
     "neighbor_allreduce_async",
-    "op_timeout",
     "open_windows",
-    "ops",
     "out_neighbors",
-    "plan",
     "probe",
     "rank",
     "reset_waited",
-    "schedule_for",
     "set_check",
     "set_op_timeout",
     "set_topology",
@@ -116,9 +110,7 @@ __all__ = [
     "shutdown",
     "size",
     "timeline",
-    "tools",
     "topology",
-    "transport",
     "uses_shared_memory",
     "waited_seconds",
 ]

@@ -29,7 +29,9 @@ SCRIPTS = TESTS / "mpi_scripts"
 def test_names(script: Path) -> list[str]:
     """The ``test_*`` functions a script defines, in order (read without importing it)."""
     tree = ast.parse(script.read_text())
-    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    only = os.environ.get("GOSSIP_TEST_ONLY", "")  # as tests/mpi_runner.py: only the names containing it
+    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+            and only in n.name]
 
 
 def emulation_unavailable() -> str | None:

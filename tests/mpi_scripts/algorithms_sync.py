@@ -180,8 +180,7 @@ def check(name, hyper, topology=None, every=None, steps=STEPS):
         err = np.abs(got - x_ref).max() / max(1.0, np.abs(x_ref).max())
         assert err < TOL, f"rank {R}: {name} {hyper} on {topology} (H={every}) step {k}: off by {err:.3g}"
         assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.x)
-    if hasattr(opt, "synchronize"):
-        opt.synchronize()
+    opt.synchronize()
     return opt
 
 
