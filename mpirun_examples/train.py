@@ -26,21 +26,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from train_support import (
-    Log,
-    Progress,
-    accuracy,
-    device_of,
-    epoch_steps,
-    load_dataset,
-    make_model,
-    make_optimizer,
-    parse_args,
-    plural,
-    say,
-    step_delay,
-    takes_topology,
-)
+from train_settings import device_of, parse_args, plural, say, step_delay, takes_topology
+from train_support import Log, Progress, accuracy, epoch_steps, load_dataset, make_model, make_optimizer
 
 import algorithms
 import gossip

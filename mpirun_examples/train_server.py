@@ -19,18 +19,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from train_support import (
-    Log,
-    accuracy,
-    device_of,
-    load_dataset,
-    make_model,
-    make_optimizer,
-    mean_loss,
-    parse_args,
-    say,
-    step_delay,
-)
+from train_settings import device_of, parse_args, say, step_delay
+from train_support import Log, accuracy, load_dataset, make_model, make_optimizer, mean_loss
 
 import gossip
 from gossip.tools import timeline

@@ -5,6 +5,7 @@ Each mpirun job is costly (seconds to start on 2 cores), so one job checks sever
 checks of settings that need no MPI job run in this process (the rank-0-prints-once path under
 mpirun is covered by two jobs)."""
 
+import importlib
 import json
 import os
 import signal
@@ -64,14 +65,14 @@ def _assert_bitwise_equal(a, b, where: str) -> None:
         assert a == b, f"{where}: {a} != {b}"
 
 
-def _support():
-    """train_support, imported in this process (it reads MPI.COMM_WORLD: a singleton here, rank 0 of 1)."""
+def _example(name: str):
+    """A module of mpirun_examples (train_settings, train_support), imported in this process (it
+    reads MPI.COMM_WORLD: a singleton here, rank 0 of 1)."""
     sys.path.insert(0, str(EXAMPLES))
     try:
-        import train_support
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return train_support
 
 
 @end_to_end
@@ -137,7 +138,7 @@ def test_gossiprun_config_file_timeline_and_logs(tmp_path):
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
     """gossiprun's word decides; under mpirun/srun without it, no bar; --progress forces one."""
-    support = _support()
+    support = _example("train_support")
     for told, launched, expect in (("1", True, True), ("0", True, False), (None, True, False)):
         monkeypatch.delenv(STDOUT_IS_TERMINAL, raising=False)
         monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
@@ -167,9 +168,9 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
 ])
 def test_settings_checked_before_training(args, message, tmp_path, capsys):
     """train.py's checks of its settings for 3 ranks, in this process: one line, exit status 2."""
-    support = _support()
+    settings = _example("train_settings")
     with pytest.raises(SystemExit) as failure:
-        support.parse_args([*args, "--log-dir", str(tmp_path)], n=3)
+        settings.parse_args([*args, "--log-dir", str(tmp_path)], n=3)
     assert failure.value.code == 2
     err = capsys.readouterr().err
     assert message in err, err
@@ -177,37 +178,37 @@ def test_settings_checked_before_training(args, message, tmp_path, capsys):
 
 
 def test_server_settings_and_help(tmp_path, capsys):
-    support = _support()
+    settings = _example("train_settings")
     with pytest.raises(SystemExit):
-        support.parse_args(["--algorithm", "dsgd", "--log-dir", str(tmp_path)], server=True, n=3)
+        settings.parse_args(["--algorithm", "dsgd", "--log-dir", str(tmp_path)], server=True, n=3)
     assert "for dsgd run mpirun_examples/train.py" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        support.parse_args(["--algorithm", "ormo"], server=True, n=1)
+        settings.parse_args(["--algorithm", "ormo"], server=True, n=1)
     assert "it needs at least 2 ranks" in capsys.readouterr().err
-    helps = [" ".join(support.make_parser(server=server).format_help().split()) for server in (False, True)]
+    helps = [" ".join(settings.make_parser(server=server).format_help().split()) for server in (False, True)]
     assert "(default: 0.05)" in helps[0] and "(default: results/train)" in helps[0] and "--overwrite" in helps[0]
     assert "(default: ormo)" in helps[1] and "--topology" not in helps[1]
 
 
 def test_a_previous_run_is_not_overwritten(tmp_path, capsys):
-    support = _support()
+    settings = _example("train_settings")
     (tmp_path / "log.json").write_text("{}")
     with pytest.raises(SystemExit):
-        support.parse_args(["--log-dir", str(tmp_path)], n=2)
-    assert "holds a previous run" in capsys.readouterr().err and "--overwrite" in support.make_parser().format_help()
-    assert support.parse_args(["--log-dir", str(tmp_path), "--overwrite"], n=2).overwrite
-    assert support.parse_args(["--log-dir", str(tmp_path), "--resume", "--checkpoint-dir", "c"], n=2).resume
+        settings.parse_args(["--log-dir", str(tmp_path)], n=2)
+    assert "holds a previous run" in capsys.readouterr().err and "--overwrite" in settings.make_parser().format_help()
+    assert settings.parse_args(["--log-dir", str(tmp_path), "--overwrite"], n=2).overwrite
+    assert settings.parse_args(["--log-dir", str(tmp_path), "--resume", "--checkpoint-dir", "c"], n=2).resume
 
 
 def test_config_files_fail_in_one_line(tmp_path, capsys):
-    support = _support()
+    settings = _example("train_settings")
     for text, message in (('algorithm = "dsgd"\nlr = 0.1\nepochs = x\n', "invalid TOML: Invalid value (at line 3"),
                           ("epochs = 2\nlearning-rate = 0.1\n", "unknown settings ['learning_rate']"),
                           ('epochs = "2"\n', "epochs = '2' should be int")):
         config = tmp_path / "run.toml"
         config.write_text(text)
         with pytest.raises(SystemExit):
-            support.parse_args(["--config", str(config), "--log-dir", str(tmp_path)], n=2)
+            settings.parse_args(["--config", str(config), "--log-dir", str(tmp_path)], n=2)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"--config {config}: " in err and message in err, err
 
