@@ -36,7 +36,7 @@ def _graph_text(topology) -> str:
     if isinstance(topology, nx.Graph):
         degree = max((sum(1 for j in topology.predecessors(i) if j != i) if topology.is_directed()
                       else topology.degree(i) - topology.has_edge(i, i)) for i in topology.nodes)
-        return f"a static graph (up to {degree} neighbours per rank)"
+        return f"a static graph (up to {degree} neighbour{'s' if degree != 1 else ''} per rank)"
     return type(topology).__name__  # a time-varying family
 
 

@@ -11,7 +11,10 @@ samples/s, share of step time blocked in communication) and writes ``log.csv``, 
 
 Options may come from ``--config run.toml`` (or YAML); the command line wins; ``--help`` lists
 them with their defaults. Checkpoints (``--checkpoint-dir``) are rank-consistent and atomic; with
-``--resume`` the run continues bitwise as if it had never stopped. ``--timeline trace.json``
+``--resume`` the run continues bitwise as if it had never stopped, or, on another number of ranks,
+from the averaged model (``train_checkpoints.py``). SIGTERM or SIGUSR1 (Slurm's warning before
+the time limit) makes every rank stop after the same step, write a checkpoint and exit with
+status 3. ``--timeline trace.json``
 writes a Chrome/Perfetto trace per rank. A stuck communication op fails the job after
 ``--op-timeout`` seconds; a NaN/Inf loss or parameter stops it, naming the step. Your own data:
 ``--dataset mypackage.mymodule:load`` where ``load()`` returns ``gossip.tools.data.Split``.
@@ -26,12 +29,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from train_checkpoints import STOPPED, Checkpoints, Position, StopSignal
 from train_settings import device_of, parse_args, plural, say, step_delay, takes_topology
 from train_support import Log, Progress, accuracy, epoch_steps, load_dataset, make_model, make_optimizer
 
 import algorithms
 import gossip
-from gossip.tools import checkpoint, metrics, timeline
+from gossip.tools import metrics, timeline
 from gossip.tools.data import BatchStream, partition
 
 
@@ -54,27 +58,32 @@ def main() -> int:
     batch_sizes = optimizer.batch_sizes if growing else [args.batch_size] * (steps_per_epoch * args.epochs)
     epochs = epoch_steps(batch_sizes, steps_per_epoch * args.batch_size, args.epochs)
 
-    log, start = Log(args.log_dir, vars(args)), 0
-    if args.resume and (saved := checkpoint.load(args.checkpoint_dir)) is not None:
-        state = saved[1]
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
-        start, log = state["epoch"], Log(args.log_dir, vars(args), state["log"])
-        say(f"resumed from {args.checkpoint_dir} after epoch {start}")
+    # SIGTERM/SIGUSR1 from here on: a checkpoint at a step all ranks agree on (every 10 steps; asynchronous
+    # gossip, whose ranks do not wait for each other within an epoch: at the end of each epoch)
+    stop = StopSignal(steps_per_epoch if algorithms.spec(args.algorithm).kind == "asynchronous-gossip" else 10)
+    checkpoints = Checkpoints(args, model, optimizer, stream, batch_sizes, epochs)
+    at, records = Position(), []  # where training starts: the beginning, unless --resume finds a checkpoint
+    if args.resume:  # on the same number of ranks bitwise; on another from the averaged model
+        at, records, how = checkpoints.resume()
+        say(how)
+    log = Log(args.log_dir, vars(args), records)
     batches = (f"{args.batch_size} per rank per step" if len(set(batch_sizes)) == 1 else
                f"batches growing {batch_sizes[0]} -> {max(batch_sizes)} per rank")
     where = f" on {args.topology}" if takes_topology(args) else ""
     say(f"{args.algorithm}{where}, {plural(n, 'rank')}, {args.dataset}: {len(data.x_train)} training samples, "
         f"{batches}, {len(batch_sizes)} steps, {optimizer.x.numel():,} parameters\n"
         f"communication: {optimizer.describe()}")
+    if at.epoch >= args.epochs:
+        say(f"the run in {args.checkpoint_dir} has finished its {at.epoch} epochs: nothing to train "
+            "(a larger --epochs continues it)")
     progress, delay = Progress(args.progress), step_delay(args, rank)
 
-    for epoch in range(start, args.epochs):
-        steps, began, loss_sum = epochs[epoch], time.perf_counter(), torch.zeros((), device=device)
+    for epoch in range(at.epoch, args.epochs):
+        steps, began = epochs[epoch], time.perf_counter()
+        todo = range(max(steps.start, at.step), steps.stop)  # the whole epoch, unless resumed within it
+        loss_sum = at.loss_sum if epoch == at.epoch and at.loss_sum is not None else torch.zeros((), device=device)
         gossip.reset_waited()
-        for step in steps:
+        for step in todo:
             stream.batch_size = batch_sizes[step]
             x, y = stream.next()
             optimizer.zero_grad()
@@ -91,7 +100,15 @@ def main() -> int:
             if delay:
                 time.sleep(delay)  # --slow-ranks
             progress.update(epoch, args.epochs, step - steps.start + 1, len(steps), loss)
+            if stop.agreed(step + 1):  # SIGTERM/SIGUSR1 on some rank: every rank stops after this same step
+                break
         progress.clear()
+        if stop.stopped:
+            optimizer.synchronize()
+            saved = checkpoints.save(epoch, step + 1, loss_sum, log.records) if args.checkpoint_dir else None
+            say(f"stopped by {stop.name} after step {step + 1 - steps.start} of epoch {epoch + 1}: " +
+                (f"checkpoint {saved}; --resume continues" if saved else "no --checkpoint-dir, nothing saved"))
+            break
         seconds, waited = time.perf_counter() - began, gossip.waited_seconds()
         if not torch.isfinite(optimizer.x).all():
             raise FloatingPointError(f"rank {rank}: NaN/Inf in the parameters after epoch {epoch + 1}")
@@ -101,17 +118,15 @@ def main() -> int:
                 optimizer.x, lambda: accuracy(model, data.x_test.to(device), data.y_test.to(device)))
             log.add(epoch=epoch + 1, train_loss=metrics.mean_over_ranks(loss_sum.item() / len(steps)),
                     test_accuracy_averaged=averaged, test_accuracy_rank0=own, consensus_distance=distance,
-                    samples_per_second=n * sum(batch_sizes[t] for t in steps) / seconds,
+                    samples_per_second=n * sum(batch_sizes[t] for t in todo) / seconds,
                     communication_share=metrics.mean_over_ranks(waited / seconds), steps=steps.stop)
         if args.checkpoint_dir and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
-            checkpoint.save(args.checkpoint_dir, epoch + 1, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
-                "rng": torch.get_rng_state(), "epoch": epoch + 1, "log": log.records})
+            checkpoints.save(epoch + 1, steps.stop, torch.zeros(()), log.records)
 
     optimizer.close()  # e.g. adpsgd frees its window
     log.finish(timeline.stop())
     gossip.shutdown()
-    return 0
+    return STOPPED if stop.stopped else 0
 
 
 if __name__ == "__main__":

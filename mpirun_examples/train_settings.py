@@ -137,7 +137,8 @@ def make_parser(server: bool = False) -> argparse.ArgumentParser:
     if not server:
         option("--checkpoint-dir", "where rank-consistent checkpoints go")
         option("--checkpoint-every", "epochs between checkpoints", type=int)
-        option("--resume", "continue from the last checkpoint in --checkpoint-dir", action="store_true", default=None)
+        option("--resume", "continue from the last checkpoint in --checkpoint-dir (on another number of ranks: from "
+               "the averaged model)", action="store_true", default=None)
     option("--timeline", "write a Chrome/Perfetto trace per rank: FILE -> FILE.rank<r>.json")
     option("--device", "cuda: one GPU per rank (local rank -> device)", choices=["cpu", "cuda"])
     option("--log-dir", "where rank 0 writes log.csv, log.json and curves.png; a directory holding a previous "

@@ -208,6 +208,10 @@ class Log:
                   f"(rank 0) {100 * record['test_accuracy_rank0']:5.2f}%  "
                   f"consensus {record['consensus_distance']:.2e}  {record['samples_per_second']:,.0f} samples/s  "
                   f"communication {100 * record['communication_share']:4.1f}% of step time", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        """Rank 0: ``log.csv`` and ``log.json`` in the log directory (made if missing)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / "log.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.records[0]))
@@ -217,9 +221,12 @@ class Log:
                                                             indent=1))
 
     def finish(self, trace: Path | None) -> None:
-        """Rank 0: the plot, and where every output went (``trace``: this rank's timeline file)."""
+        """Rank 0: the logs (also those of a resumed run that had nothing left to train), the plot, and
+        where every output went (``trace``: this rank's timeline file)."""
         if gossip.rank() != 0:
             return
+        if self.records:
+            self.write()
         plot = self.plot() if self.records else None
         if self.records:
             print(f"wrote {self.directory}/log.csv, log.json" + (f" and {plot.name}" if plot else ""))

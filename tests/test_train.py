@@ -1,5 +1,6 @@
-"""mpirun_examples/train.py and train_server.py end to end on real ranks: kill and resume bitwise,
-configs, logs, bad settings, periodic averaging, growing batches, asynchronous training.
+"""mpirun_examples/train.py and train_server.py end to end on real ranks: kill and resume bitwise, stop
+on a signal at a step the ranks agree on and resume bitwise, resume on another number of ranks, resume
+a finished run, configs, logs, bad settings, periodic averaging, growing batches, asynchronous training.
 
 Each mpirun job is costly (seconds to start on 2 cores), so one job checks several things, and the
 checks of settings that need no MPI job run in this process (the rank-0-prints-once path under
@@ -16,7 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from mpi4py import MPI
 
+import algorithms
+import gossip
+from gossip.tools import checkpoint
 from gossip.tools.launch import STDOUT_IS_TERMINAL, launch_env
 from tests.mpi_harness import REPO, run_job, start_job
 
@@ -45,8 +50,43 @@ def _records(directory: Path) -> list[dict]:
     return json.loads((directory / "log.json").read_text())["epochs"]
 
 
-def _final_state(directory: Path, epoch: int, rank: int) -> dict:
-    return torch.load(directory / f"step-{epoch:08d}" / f"rank-{rank}.pt", weights_only=True)["state"]
+def _latest(directory: Path) -> str:
+    return (directory / "latest").read_text().strip()
+
+
+def _final_state(directory: Path, rank: int) -> dict:
+    return torch.load(directory / _latest(directory) / f"rank-{rank}.pt", weights_only=True)["state"]
+
+
+def _meta(directory: Path) -> dict:
+    return json.loads((directory / _latest(directory) / "checkpoint.json").read_text())
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _rank_pids(proc: subprocess.Popen) -> list[int]:
+    """The processes of a job started by ``start_job`` (its own session) that run train.py: the ranks."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            session = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if session == proc.pid and command[1:2] == [str(TRAIN).encode()]:  # python train.py ...: not mpirun
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _same_but_the_clock(first: list[dict], second: list[dict]) -> None:
+    clock = ("wall_seconds", "samples_per_second", "communication_share")
+    assert [r["epoch"] for r in first] == [r["epoch"] for r in second]
+    for a, b in zip(first, second, strict=True):  # the same numbers, but for the clock
+        assert {k: v for k, v in a.items() if k not in clock} == {k: v for k, v in b.items() if k not in clock}
 
 
 def _assert_bitwise_equal(a, b, where: str) -> None:
@@ -75,32 +115,252 @@ def _example(name: str):
         sys.path.pop(0)
 
 
-@end_to_end
-def test_killed_run_resumes_bitwise_identically(tmp_path):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    done = _run([*FAST, "--checkpoint-dir", str(straight), "--log-dir", str(tmp_path / "log1")])
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """FAST on 4 ranks from start to end, with checkpoints: what an interrupted and resumed run must equal."""
+    where = tmp_path_factory.mktemp("straight")
+    done = _run([*FAST, "--checkpoint-dir", str(where / "checkpoints"), "--log-dir", str(where / "log")])
     assert done.returncode == 0, done.stdout[-4000:]
+    return where
 
+
+@end_to_end
+def test_killed_run_resumes_bitwise_identically(tmp_path, straight_run):
+    straight, interrupted = straight_run / "checkpoints", tmp_path / "interrupted"
     proc = _start([*FAST, "--checkpoint-dir", str(interrupted), "--log-dir", str(tmp_path / "log2")])
-    deadline = time.monotonic() + 180
-    while not (interrupted / "latest").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for(interrupted / "latest", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run, possibly mid-write
     proc.communicate()
-    killed_at = (interrupted / "latest").read_text().strip()
-    assert killed_at != "step-00000005", "the run finished before it could be killed; make it longer"
+    assert _latest(interrupted) != _latest(straight), "the run finished before it could be killed; make it longer"
 
     # --resume into the interrupted run's own log directory: allowed without --overwrite
     resumed = _run([*FAST, "--checkpoint-dir", str(interrupted), "--resume", "--log-dir", str(tmp_path / "log2")])
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "resumed from" in resumed.stdout
+    assert _latest(interrupted) == _latest(straight)
     for rank in range(4):
-        _assert_bitwise_equal(_final_state(straight, 5, rank), _final_state(interrupted, 5, rank), f"rank {rank}")
-    first, second = _records(tmp_path / "log1"), _records(tmp_path / "log2")
-    assert [r["epoch"] for r in second] == [1, 2, 3, 4, 5]
-    for a, b in zip(first, second, strict=True):  # the same numbers, but for the clock
-        assert {k: v for k, v in a.items() if k not in ("wall_seconds", "samples_per_second", "communication_share")} \
-            == {k: v for k, v in b.items() if k not in ("wall_seconds", "samples_per_second", "communication_share")}
+        _assert_bitwise_equal(_final_state(straight, rank), _final_state(interrupted, rank), f"rank {rank}")
+    assert [r["epoch"] for r in _records(tmp_path / "log2")] == [1, 2, 3, 4, 5]
+    _same_but_the_clock(_records(straight_run / "log"), _records(tmp_path / "log2"))
+
+
+@end_to_end
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, straight_run):
+    """SIGTERM to one rank only (a preemption; Slurm's SIGUSR1 takes the same path): the ranks agree on
+    a step, write a checkpoint there, in the middle of an epoch, and exit with status 3; --resume then
+    continues bitwise to the uninterrupted run's end."""
+    stopped = tmp_path / "stopped"
+    proc = _start([*FAST, "--checkpoint-dir", str(stopped), "--log-dir", str(tmp_path / "log")])
+    _wait_for(stopped / "latest", proc)
+    ranks = _rank_pids(proc)
+    assert len(ranks) == 4, ranks
+    os.kill(ranks[2], signal.SIGTERM)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the job did not stop after SIGTERM:\n{proc.communicate()[0][-4000:]}")
+    assert proc.returncode == 3, output[-4000:]
+    line = next((x for x in output.splitlines() if x.startswith("stopped by SIGTERM after step")), None)
+    assert line is not None and "--resume continues" in line, output[-4000:]
+    meta = _meta(stopped)
+    assert meta["ranks"] == 4 and meta["step"] % 10 == 0, meta  # the ranks agree every 10 steps
+    assert meta["step"] % 23 != 0, f"{meta}: expected a checkpoint within an epoch (23 steps each)"
+    assert _latest(stopped) != _latest(straight_run / "checkpoints")
+
+    resumed = _run([*FAST, "--checkpoint-dir", str(stopped), "--resume", "--log-dir", str(tmp_path / "log")])
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert " steps into epoch " in resumed.stdout.split("resumed from", 1)[1].splitlines()[0], resumed.stdout[-3000:]
+    for rank in range(4):
+        _assert_bitwise_equal(_final_state(straight_run / "checkpoints", rank), _final_state(stopped, rank),
+                              f"rank {rank}")
+    _same_but_the_clock(_records(straight_run / "log"), _records(tmp_path / "log"))
+
+
+def _continues(records: list[dict], resumed_after: int) -> None:
+    """The epochs after a resume on another number of ranks start from the averaged model: no worse than
+    it was (its accuracy was measured at the checkpoint), and training goes on improving."""
+    before, after, last = records[resumed_after - 1], records[resumed_after], records[-1]
+    assert after["test_accuracy_averaged"] >= before["test_accuracy_averaged"] - 0.03, (before, after)
+    assert after["train_loss"] <= before["train_loss"] * 1.1, (before, after)
+    assert last["train_loss"] < before["train_loss"] and last["test_accuracy_averaged"] > 0.8, records
+
+
+@end_to_end
+def test_resume_on_fewer_then_more_ranks(tmp_path):
+    """4 ranks -> 2 (a requeued job given fewer nodes) -> 4 again: the models are averaged, the run goes
+    on, the checkpoints follow the number of ranks, and ``latest`` always names a complete one."""
+    ckpt, log = tmp_path / "checkpoints", tmp_path / "log"
+
+    def fast(epochs: int) -> list[str]:
+        return [*FAST, "--epochs", str(epochs), "--checkpoint-dir", str(ckpt), "--log-dir", str(log)]
+
+    first = _run(fast(3))
+    assert first.returncode == 0, first.stdout[-4000:]
+
+    fewer = _run([*fast(5), "--resume"], np=2)
+    assert fewer.returncode == 0, fewer.stdout[-4000:]
+    line = next(x for x in fewer.stdout.splitlines() if x.startswith("resumed"))
+    assert line.startswith("resumed from 4 ranks onto 2: models averaged; momentum_buffer averaged; "
+                           "data re-split for 2 ranks"), line
+    assert _meta(ckpt)["ranks"] == 2 and sorted(p.name for p in (ckpt / _latest(ckpt)).glob("rank-*")) == \
+        ["rank-0.pt", "rank-1.pt"]
+    records = _records(log)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    _continues(records, 3)
+
+    more = _run([*fast(6), "--resume"], np=4)
+    assert more.returncode == 0, more.stdout[-4000:]
+    assert "resumed from 2 ranks onto 4: models averaged" in more.stdout, more.stdout[-3000:]
+    assert _meta(ckpt)["ranks"] == 4 and [r["epoch"] for r in _records(log)] == [1, 2, 3, 4, 5, 6]
+
+
+@end_to_end
+def test_resume_on_more_ranks_then_a_finished_run(tmp_path):
+    """2 ranks -> 3 with push-sum (SGP: the model becomes the push-sum average, the masses restart);
+    then the finished run resumed into a new --log-dir (a resubmitted Slurm job) says so and ends well."""
+    ckpt = tmp_path / "checkpoints"
+    args = ["--epochs", "3", "--batch-size", "16", "--no-progress", "--algorithm", "sgp", "--topology", "exp2",
+            "--checkpoint-dir", str(ckpt)]
+    first = _run([*args, "--log-dir", str(tmp_path / "log")], np=2)
+    assert first.returncode == 0, first.stdout[-4000:]
+    args[1] = "5"
+    more = _run([*args, "--log-dir", str(tmp_path / "log"), "--resume"], np=3)
+    assert more.returncode == 0, more.stdout[-4000:]
+    assert "resumed from 2 ranks onto 3: models averaged; momentum_buffer averaged; push-sum restarted from the " \
+           "push-sum average; data re-split for 3 ranks" in more.stdout, more.stdout[-3000:]
+    records = _records(tmp_path / "log")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5] and _meta(ckpt)["ranks"] == 3
+    _continues(records, 3)
+
+    again = _run([*args, "--log-dir", str(tmp_path / "resubmitted"), "--resume"], np=3)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert f"the run in {ckpt} has finished its 5 epochs: nothing to train" in again.stdout, again.stdout[-3000:]
+    assert "Traceback" not in again.stdout and "MPI_ABORT" not in again.stdout, again.stdout[-3000:]
+    assert _records(tmp_path / "resubmitted") == records  # the run's log, in the new directory
+    assert (tmp_path / "resubmitted" / "curves.png").exists()
+
+
+# --- resuming: the rules, in this process --------------------------------------------------------
+
+def test_every_optimizer_buffer_has_a_rule_for_another_number_of_ranks():
+    """An algorithm whose state train.py cannot combine across a change of the number of ranks is refused
+    when resumed so; this keeps the table complete for the registry's algorithms (server ones have no
+    checkpoints)."""
+    rules = _example("train_checkpoints").COMBINE
+    missing = {s.name: [b for b in getattr(s.cls, "buffer_names", ()) if b not in rules] for s in algorithms.specs()
+               if s.kind != "server"}
+    assert not {name: b for name, b in missing.items() if b}, missing
+
+
+def test_combined_optimizer_state_follows_the_rules(capsys):
+    resume = _example("train_checkpoints")
+    x = torch.ones(3)
+    state = {"state": {}, "param_groups": [{"lr": 0.1}],
+             "decentralized": {"step": 40, "fresh": False, "buffers": {
+                 "momentum_buffer": 2 * x, "tracker": 3 * x, "mixed_tracker": 4 * x, "previous_gradient": 5 * x}}}
+    said = resume.combine_optimizer_state(state, "gradient-tracking", 4, 2, 77)
+    ours = state["decentralized"]
+    assert ours["step"] == 77 and ours["fresh"] is True
+    assert torch.equal(ours["buffers"]["momentum_buffer"], 2 * x) and not ours["buffers"]["tracker"].any()
+    assert said == "momentum_buffer averaged; tracker, mixed_tracker, previous_gradient restarted", said
+    outer = {"base": {"decentralized": {"step": 3, "fresh": False, "buffers": {"numerator": x}}},
+             "outer": {"start": x, "momentum": x}}
+    said = resume.combine_optimizer_state(outer, "slowmo", 4, 2, 9)
+    assert outer["base"]["decentralized"]["step"] == 9
+    assert said == "the outer loop's start and momentum averaged; push-sum restarted from the push-sum average"
+    with pytest.raises(SystemExit) as refused:
+        resume.combine_optimizer_state({"decentralized": {"step": 0, "buffers": {"mystery": x}}}, "new-algo", 8, 4, 0)
+    assert refused.value.code == 2
+    assert "cannot resume new-algo from 8 ranks onto 4: no rule combines its optimizer state 'mystery'" in \
+        capsys.readouterr().err
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    settings, resume = _example("train_settings"), _example("train_checkpoints")
+    args = settings.parse_args(["--log-dir", str(tmp_path), "--checkpoint-dir", "c", "--resume"], n=2)
+    saved = {name: getattr(args, name) for name in resume.RUN_SETTINGS}
+    same = checkpoint.Saved(10, 2, tmp_path, {"epoch": 1, "epochs": 20, "settings": saved})
+    resume.check_resumable(args, same, 2)  # nothing changed
+    changed = checkpoint.Saved(10, 2, tmp_path, {"settings": {**saved, "lr": 0.2, "topology": "ring"}})
+    with pytest.raises(SystemExit):
+        resume.check_resumable(args, changed, 2)
+    err = capsys.readouterr().err
+    assert "written with --topology ring, --lr 0.2; this run has --topology one-peer-exp2, --lr 0.05" in err, err
+    resized = checkpoint.Saved(10, 4, tmp_path, {"settings": {**saved, "topology": "ring"}})
+    resume.check_resumable(args, resized, 2)  # another number of ranks may need another graph
+    growing = settings.parse_args(["--log-dir", str(tmp_path), "--algorithm", "cr-psgd", "--epochs", "8"], n=2)
+    saved = {name: getattr(growing, name) for name in resume.RUN_SETTINGS}
+    with pytest.raises(SystemExit):
+        resume.check_resumable(growing, checkpoint.Saved(10, 2, tmp_path, {"epochs": 6, "settings": saved}), 2)
+    assert "written with --epochs 6; this run has --epochs 8" in capsys.readouterr().err
+
+
+@pytest.fixture
+def one_rank():
+    gossip.init(MPI.COMM_SELF)
+    try:
+        yield
+    finally:
+        gossip.shutdown()
+
+
+def _write_ranks(directory: Path, step: int, states: list[dict], meta: bool = True) -> Path:
+    """A checkpoint as ``len(states)`` ranks would have written it."""
+    target = checkpoint.step_directory(directory, step)
+    target.mkdir(parents=True)
+    for rank, state in enumerate(states):
+        torch.save({"step": step, "ranks": len(states), "state": state}, target / f"rank-{rank}.pt")
+    if meta:
+        (target / "checkpoint.json").write_text(json.dumps({"step": step, "ranks": len(states), "sequence": 7,
+                                                            "info": {"epoch": 2}}))
+    (directory / "latest").write_text(target.name + "\n")
+    return target
+
+
+def test_a_checkpoint_of_three_ranks_is_combined_not_loaded_per_rank(tmp_path, one_rank):
+    states = [{"model": {"w": torch.full((2,), float(r)), "count": torch.tensor([r])},
+               "optimizer": {"decentralized": {"mass": 0.5 + r, "step": 30 + r}},
+               "rng": torch.tensor([r], dtype=torch.uint8), "log": [{"epoch": 1, "loss": float(r)}]} for r in range(3)]
+    target = _write_ranks(tmp_path, 30, states)
+    saved = checkpoint.latest(tmp_path)
+    assert (saved.step, saved.ranks, saved.path, saved.info) == (30, 3, target, {"epoch": 2})
+    with pytest.raises(checkpoint.RankCountError, match="written by 3 ranks and this job has 1"):
+        checkpoint.load(tmp_path)
+
+    def rule(path, value):
+        return checkpoint.MEAN if path[-1:] == ("mass",) else checkpoint.default_rule(path, value)
+
+    saved, state = checkpoint.load_combined(tmp_path, rule)
+    assert torch.equal(state["model"]["w"], torch.ones(2)) and state["model"]["w"].dtype == torch.float32
+    assert torch.equal(state["model"]["count"], torch.tensor([0])) and torch.equal(state["rng"], states[0]["rng"])
+    assert state["optimizer"]["decentralized"] == {"mass": 1.5, "step": 30} and state["log"] == states[0]["log"]
+
+    (target / "rank-1.pt").unlink()
+    with pytest.raises(gossip.GossipError, match="rank 1's file .* is missing"):
+        checkpoint.load_combined(tmp_path)
+
+
+def test_saving_after_a_change_of_ranks_keeps_the_newest_published(tmp_path, one_rank):
+    """Checkpoints are kept in the order they were published, not by step number; a step directory
+    reused by fewer ranks holds only their files; the latest one is never replaced by another number
+    of ranks."""
+    _write_ranks(tmp_path, 50, [{"v": torch.zeros(1)}] * 3)
+    _write_ranks(tmp_path, 60, [{"v": torch.zeros(1)}] * 3, meta=False)  # written before checkpoint.json existed
+    assert checkpoint.latest(tmp_path).ranks == 3  # counted from the files
+    with pytest.raises(gossip.GossipError, match="step-00000060 is the latest checkpoint, written by 3 ranks"):
+        checkpoint.save(tmp_path, 60, {"v": torch.ones(1)})  # replacing it in place could lose every checkpoint
+    assert len(list((tmp_path / "step-00000060").glob("rank-*"))) == 3
+    checkpoint.save(tmp_path, 50, {"v": torch.ones(1)}, keep=2, info={"epoch": 4})
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000050", "step-00000060"]
+    assert [p.name for p in (tmp_path / "step-00000050").glob("rank-*")] == ["rank-0.pt"]
+    saved = checkpoint.latest(tmp_path)
+    assert (saved.step, saved.ranks, saved.info) == (50, 1, {"epoch": 4})
+    step, state = checkpoint.load(tmp_path)
+    assert step == 50 and torch.equal(state["v"], torch.ones(1))
+    checkpoint.save(tmp_path, 40, {"v": torch.full((1,), 2.0)}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000040", "step-00000050"]
+    assert _latest(tmp_path) == "step-00000040"
 
 
 @end_to_end
@@ -139,13 +399,15 @@ def test_gossiprun_config_file_timeline_and_logs(tmp_path):
 def test_progress_bar_only_on_a_terminal(monkeypatch):
     """gossiprun's word decides; under mpirun/srun without it, no bar; --progress forces one."""
     support = _example("train_support")
-    for told, launched, expect in (("1", True, True), ("0", True, False), (None, True, False)):
+    for told, launched, expect in (("1", "OMPI_COMM_WORLD_SIZE", True), ("0", "OMPI_COMM_WORLD_SIZE", False),
+                                   (None, "OMPI_COMM_WORLD_SIZE", False), (None, "SLURM_PROCID", False),
+                                   (None, "PMIX_RANK", False)):  # mpirun, srun (a Slurm .out file), PMIx
         monkeypatch.delenv(STDOUT_IS_TERMINAL, raising=False)
-        monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
+        for name in support.LAUNCHED:
+            monkeypatch.delenv(name, raising=False)
         if told is not None:
             monkeypatch.setenv(STDOUT_IS_TERMINAL, told)
-        if launched:
-            monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+        monkeypatch.setenv(launched, "0")
         assert support.output_is_terminal() is expect, (told, launched)
 
 

@@ -49,6 +49,15 @@ def test_checkpoint_interrupted_write_leaves_previous_latest():
     assert step == 5 and state["v"].item() == R
 
 
+def test_checkpoint_combined_is_the_mean_on_every_rank():
+    """load_combined: rank 0 reads the N files and broadcasts; floating tensors are averaged, the rest rank 0's."""
+    directory = _shared_directory()
+    checkpoint.save(directory, 3, {"x": torch.full((4,), float(R)), "r": torch.tensor([R])}, info={"k": 1})
+    saved, state = checkpoint.load_combined(directory)
+    assert saved.ranks == N and saved.info == {"k": 1}, saved
+    assert torch.equal(state["x"], torch.full((4,), (N - 1) / 2)) and state["r"].item() == 0, state
+
+
 def test_checkpoint_from_a_different_rank_count_fails_clearly():
     directory = _shared_directory()
     checkpoint.save(directory, 7, {"v": torch.tensor([R])})
