@@ -13,7 +13,8 @@ The package, one concern per subpackage:
   machine layout, the settings (``init`` arguments or ``GOSSIP_*`` environment variables, parsed
   once) and the resources the runtime owns (windows, trace recorder, parameter servers).
 * :mod:`gossip.ops`: what users call: neighbour ops, global collectives, hierarchical gossip,
-  one-sided windows, the parameter server, handles of non-blocking ops.
+  one-sided windows, the parameter server, handles of non-blocking ops, and the recovery from a
+  failed rank in fault-tolerant mode (``recover``, ``on_recover``).
 * :mod:`gossip.transport`: the one place that decides how bytes move (shared memory, MPI
   message, staged through pinned host memory, CUDA-aware), buffers and the watchdog.
 * :mod:`gossip.plan`: what a step communicates (plans and schedules), the topology-aware
@@ -26,12 +27,13 @@ The package, one concern per subpackage:
 # ruff: noqa: I001
 from gossip import transport  # noqa: F401
 from gossip import ops, plan, tools  # noqa: F401 - the subpackages, as gossip.ops etc.
-from gossip.errors import GossipError, InputMismatchError, OpTimeoutError
+from gossip.errors import GossipError, InputMismatchError, OpTimeoutError, RankFailure
 from gossip.ops.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters
 from gossip.ops.flat import FlatBuffer
 from gossip.ops.handles import Handle
 from gossip.ops.hierarchical import hierarchical_neighbor_allreduce
 from gossip.ops.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
+from gossip.ops.recovery import Recovery, on_recover, recover
 from gossip.ops.window import Window, open_windows
 from gossip.plan.cost_model import CostModel, LinkCost
 from gossip.plan.probing import probe
@@ -73,6 +75,8 @@ __all__ = [
     "LinkCost",
     "OpTimeoutError",
     "Plan",
+    "RankFailure",
+    "Recovery",
     "Schedule",
     "Scheduler",
     "Settings",
@@ -97,10 +101,12 @@ __all__ = [
     "neighbor_allgather",
     "neighbor_allreduce",
     "neighbor_allreduce_async",
+    "on_recover",
     "open_windows",
     "out_neighbors",
     "probe",
     "rank",
+    "recover",
     "reset_waited",
     "set_check",
     "set_op_timeout",

@@ -16,3 +16,20 @@ class InputMismatchError(GossipError, ValueError):
 
 class OpTimeoutError(GossipError):
     """A communication op waited longer than the op timeout (a peer failed, or the ranks diverged)."""
+
+
+class RankFailure(GossipError):
+    """A rank of the job failed (fault-tolerant mode, :mod:`gossip.ops.recovery`).
+
+    Raised by every blocking point of the runtime once a failure is known, on every surviving
+    rank: the failed process itself (``MPI_ERR_PROC_FAILED``), or a peer that saw it and revoked
+    the runtime's communicators (``MPI_ERR_REVOKED``, ULFM: Bland et al., "Post-failure recovery
+    of MPI communication capability: design and rationale", IJHPCA 27(3), 2013). ``ranks`` are the
+    failed ranks in the numbering of the communicator the runtime used when the failure was found
+    (empty when a peer revoked it and no failure has reached this rank yet). The survivors continue
+    with :func:`gossip.recover`.
+    """
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = tuple(ranks)

@@ -8,12 +8,22 @@ communicators, the static topology's graph communicator, node shared memory, the
 the watchdog, the record of ops in flight, the progress thread, the trace recorder, the open
 windows and other resources registered with :meth:`Runtime.own` (parameter servers);
 :func:`shutdown` frees them in the reverse order of their creation.
+
+In fault-tolerant mode (the ``fault_tolerant`` setting, under ``gossiprun --fault-tolerant``) the
+runtime's communicators return errors instead of aborting (``MPI_ERRORS_RETURN``), a
+:class:`gossip.transport._failures.FailureDetector` watches them, and every blocking point raises
+:class:`gossip.RankFailure` once a rank has failed; :meth:`Runtime.abandon` and
+:meth:`Runtime.rebind` are the two halves of :func:`gossip.recover`
+(:mod:`gossip.ops.recovery`): let go of everything bound to the broken communicator, then bind
+the runtime to the survivors' one.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +31,11 @@ import networkx as nx
 import torch
 from mpi4py import MPI
 
-from gossip.errors import GossipError
+from gossip.errors import GossipError, RankFailure
 from gossip.settings import Settings
 from gossip.transport import Transport, detect_cuda_aware
 from gossip.transport._buffers import BufferPool
+from gossip.transport._failures import FailureDetector
 from gossip.transport._graph_comm import StaticTopology, build_static_topology
 from gossip.transport._in_flight import InFlight
 from gossip.transport._progress import ProgressThread
@@ -77,6 +88,12 @@ class Runtime:
     progress: ProgressThread | None = None  # drives MPI progress while ops are in flight (progress_thread)
     windows: dict = field(default_factory=dict)  # name -> gossip.Window, in creation order
     owned: list = field(default_factory=list)  # other resources with a free(), in creation order
+    origin: int = 0  # this rank's rank in the communicator init() started on (kept across recoveries)
+    # How the static topology was made: ``n -> graph`` (rebuilt for the survivors by gossip.recover()),
+    # or None when set_topology was given a graph.
+    topology_builder: Callable[[int], nx.DiGraph] | None = exponential_two
+    failures: FailureDetector | None = None  # fault-tolerant mode's failure detector, else None
+    recover_hooks: list = field(default_factory=list)  # gossip.on_recover callbacks (or weak methods)
 
     @property
     def rank(self) -> int:
@@ -89,6 +106,50 @@ class Runtime:
     @property
     def debug_buffers(self) -> bool:
         return self.settings.debug_buffers
+
+    def communicators(self) -> list[MPI.Comm]:
+        """The runtime's communicators other than :attr:`comm` (what a failure revokes with it)."""
+        found = [self.local_comm, self.leaders_comm, self.topology.dist_comm]
+        if self.node_memory.comm is not None:
+            found.append(self.node_memory.comm)
+        found += [getattr(resource, "comm", MPI.COMM_NULL) for resource in self.owned]
+        return [c for c in found if c != MPI.COMM_NULL]
+
+    def abandon(self, reason: str) -> None:
+        """Fault-tolerant mode, after a failure: let go of everything bound to the broken
+        communicator. Ops in flight are given up (their handles raise :class:`gossip.RankFailure`
+        with ``reason``); open windows are freed, their errors ignored (:meth:`gossip.Window.abandon`;
+        the only collective call here, made by every survivor in the same order); owned resources
+        are closed without their collective free; the progress thread stops. The old communicators,
+        and every request that MPI may still complete with its buffers, are kept by the watchdog
+        until the process ends."""
+        keep = self.watchdog.abandoned
+        self.in_flight.abandon(reason)
+        if self.progress is not None:
+            self.progress.stop(free=False)
+            keep.append(self.progress)
+            self.progress = None
+        for resource in [*self.owned, *self.windows.values()]:
+            if hasattr(resource, "abandon"):
+                resource.abandon(reason)
+            keep.append(resource)
+        self.owned, self.windows = [], {}
+        keep += [self.comm, *self.communicators(), self.node_memory]
+
+    def rebind(self, comm: MPI.Comm, bound: Bound, builder: Callable[[int], nx.DiGraph] | None) -> None:
+        """Make ``comm`` (the survivors' communicator, with ``bound`` from :func:`bind` on it) the
+        runtime's communicator, after :meth:`abandon`."""
+        self.comm = comm
+        self.local_comm, self.leaders_comm = bound.local_comm, bound.leaders_comm
+        self.machine_rank, self.machine_size = bound.machine_rank, bound.machine_size
+        self.topology, self.node_memory, self.layout = bound.topology, bound.node_memory, bound.layout
+        self.topology_builder = builder
+        self.transport.node_memory = bound.node_memory
+        self.watchdog.rank = comm.rank
+        if self.failures is not None:
+            self.failures.comm = comm
+        if self.settings.progress_thread:
+            self.progress = ProgressThread(comm, self.in_flight)
 
     def own(self, resource) -> None:  # noqa: ANN001 - anything with a collective free()
         """Register a resource (with a collective ``free()``) for :func:`shutdown` to free."""
@@ -129,16 +190,17 @@ def recorder() -> Recorder | None:
     return None if _runtime is None else _runtime.watchdog.recorder
 
 
-def _split_machines(comm: MPI.Comm, per_machine: int | None) -> tuple[MPI.Comm, MPI.Comm, int, int]:
+def _split_machines(comm: MPI.Comm, per_machine: int | None, origin: int) -> tuple[MPI.Comm, MPI.Comm, int, int]:
     """Local (same-machine) communicator, the leaders' communicator (COMM_NULL off the leaders),
     machine index and machine count.
 
     Machines are found with ``MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)``, or, with
     ``per_machine=k`` (the ``ranks_per_machine`` setting), pretended as consecutive blocks of k
-    ranks (to test hierarchical code on one host).
+    ranks of the communicator ``init`` started on (``origin``: this rank's rank there), so that
+    the survivors of a failure stay on their machines (to test hierarchical code on one host).
     """
     if per_machine is not None:
-        local = comm.Split(comm.rank // per_machine, comm.rank)
+        local = comm.Split(origin // per_machine, comm.rank)
     else:
         local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     leaders = comm.Split(0 if local.rank == 0 else MPI.UNDEFINED, comm.rank)
@@ -147,20 +209,51 @@ def _split_machines(comm: MPI.Comm, per_machine: int | None) -> tuple[MPI.Comm, 
     return local, leaders, machine_rank, machine_size
 
 
-def _abort_on_uncaught(comm: MPI.Comm) -> None:
+def _abort_on_uncaught() -> None:
     """Make an uncaught exception on one rank abort the job instead of leaving peers waiting."""
     previous = sys.excepthook
 
     def hook(kind, value, tb):  # type: ignore[no-untyped-def]
-        if _runtime is not None and comm.size > 1:
-            print(f"gossip: rank {comm.rank} of {comm.size} failed with an uncaught {kind.__name__}; aborting the job",
-                  file=sys.stderr)
+        rt = _runtime
+        if rt is not None and rt.comm.size > 1:
+            print(f"gossip: rank {rt.comm.rank} of {rt.comm.size} failed with an uncaught {kind.__name__}; "
+                  "aborting the job", file=sys.stderr)
             traceback.print_exception(kind, value, tb)
             sys.stderr.flush()
-            comm.Abort(1)
+            rt.comm.Abort(1)
         previous(kind, value, tb)
 
     sys.excepthook = hook
+
+
+@dataclass
+class Bound:
+    """What the runtime builds on a communicator (:func:`bind`)."""
+
+    local_comm: MPI.Comm
+    leaders_comm: MPI.Comm
+    machine_rank: int
+    machine_size: int
+    node_memory: NodeMemory
+    topology: StaticTopology
+    layout: Layout
+
+
+def bind(comm: MPI.Comm, settings: Settings, origin: int, graph: nx.DiGraph, watchdog: Watchdog) -> Bound:
+    """Collective over ``comm``: the machine layout, node shared memory (off in fault-tolerant mode)
+    and the static topology ``graph`` on ``comm``."""
+    local, leaders, machine_rank, machine_size = _split_machines(comm, settings.ranks_per_machine, origin)
+    node_memory = NodeMemory(comm, watchdog, enabled=settings.shared_memory and not settings.fault_tolerant)
+    return Bound(local, leaders, machine_rank, machine_size, node_memory, build_static_topology(comm, graph),
+                 _discover_layout(comm, local, machine_size))
+
+
+def _require_ulfm() -> None:
+    """Raise unless the MPI library can survive a failed rank (Open MPI: ``--with-ft ulfm``)."""
+    if "Open MPI" in MPI.Get_library_version() and \
+            os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true", "t", "yes", "y", "on"):
+        raise GossipError("the fault_tolerant setting needs Open MPI's failure mitigation (ULFM), which this job was "
+                          "started without: start it with `gossiprun --fault-tolerant ...` (mpirun --with-ft ulfm)")
 
 
 def init(comm: MPI.Comm | None = None, *, settings: Settings | None = None, **overrides: object) -> None:
@@ -188,39 +281,50 @@ def init(comm: MPI.Comm | None = None, *, settings: Settings | None = None, **ov
         settings = Settings.resolve(**overrides)
     elif overrides:
         raise TypeError(f"gossip.init takes settings= or keyword settings, not both (got {sorted(overrides)})")
+    if settings.fault_tolerant:
+        _require_ulfm()
     if not MPI.Is_initialized():
         MPI.Init_thread()
     comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
-    local, leaders, machine_rank, machine_size = _split_machines(comm, settings.ranks_per_machine)
-    watchdog = Watchdog(comm.rank, settings.op_timeout)
+    failures = None
+    if settings.fault_tolerant:  # errors come back as exceptions; derived communicators inherit it
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
+        failures = FailureDetector(comm)
+    watchdog = Watchdog(comm.rank, settings.op_timeout, failures)
     pool = BufferPool(poison=settings.debug_buffers)
     cuda_aware = settings.cuda_aware if settings.cuda_aware is not None else detect_cuda_aware()
-    node_memory = NodeMemory(comm, watchdog, enabled=settings.shared_memory)
-    _runtime = Runtime(
+    with watchdog.guard("gossip.init"):
+        bound = bind(comm, settings, comm.rank, exponential_two(comm.size), watchdog)
+        cuda_aware = comm.allreduce(cuda_aware, op=MPI.LAND)  # the same on every rank
+    rt = Runtime(
         comm=comm,
-        local_comm=local,
-        leaders_comm=leaders,
-        machine_rank=machine_rank,
-        machine_size=machine_size,
-        topology=build_static_topology(comm, exponential_two(comm.size)),
+        local_comm=bound.local_comm,
+        leaders_comm=bound.leaders_comm,
+        machine_rank=bound.machine_rank,
+        machine_size=bound.machine_size,
+        topology=bound.topology,
         settings=settings,
         check=settings.check,
-        transport=Transport(comm.allreduce(cuda_aware, op=MPI.LAND), pool, watchdog,  # the same on every rank
-                            chunk_bytes=settings.message_chunk_bytes,
+        transport=Transport(cuda_aware, pool, watchdog, chunk_bytes=settings.message_chunk_bytes,
                             staging_chunk_bytes=settings.staging_chunk_bytes, stage_host=settings.stage_host,
-                            node_memory=node_memory),
-        node_memory=node_memory,
-        layout=_discover_layout(comm, local, machine_size),
+                            node_memory=bound.node_memory),
+        node_memory=bound.node_memory,
+        layout=bound.layout,
         watchdog=watchdog,
         in_flight=InFlight(watchdog, warn=settings.debug_buffers),
         pool=pool,
+        origin=comm.rank,
+        failures=failures,
     )
+    if failures is not None:
+        failures.also_revoke = rt.communicators
+    _runtime = rt
     if settings.progress_thread:
-        _runtime.progress = ProgressThread(comm, _runtime.in_flight)
+        rt.progress = ProgressThread(comm, rt.in_flight)
     if settings.abort_on_error:
-        _abort_on_uncaught(comm)
+        _abort_on_uncaught()
     if settings.timeline is not None:
-        _runtime.start_trace(Path(settings.timeline))
+        rt.start_trace(Path(settings.timeline))
 
 
 def shutdown() -> None:
@@ -228,15 +332,36 @@ def shutdown() -> None:
 
     Ops still in flight are completed first (MPI may still use their buffers, and they use the
     runtime's communicators); this rank's trace, if one is recorded, is written. ``init`` may
-    be called again.
+    be called again. In fault-tolerant mode, once a rank has failed, the runtime lets go of
+    everything without collective calls (:meth:`Runtime.abandon`) and raises
+    :class:`gossip.RankFailure`; it is shut down all the same.
     """
     global _runtime
     if _runtime is None:
         return
     rt = _runtime
+    if rt.failures is None:
+        _free(rt)
+        return
+    try:
+        with rt.watchdog.guard("gossip.shutdown"):
+            if rt.failures.broken():
+                rt.failures.fail("gossip.shutdown")
+            _free(rt)
+    except RankFailure:
+        rt.abandon("gossip.shutdown after a rank failure")
+        rt.stop_trace()
+        rt.pool.clear()
+        _runtime = None
+        raise
+
+
+def _free(rt: Runtime) -> None:
+    global _runtime
     rt.in_flight.complete_all()
     if rt.progress is not None:
         rt.progress.stop()
+        rt.progress = None
     for resource in reversed(rt.owned):
         resource.free()
     for window in reversed(list(rt.windows.values())):  # windows live on the runtime's communicator
@@ -348,19 +473,37 @@ def set_check(enabled: bool) -> None:
     current().check = bool(enabled)
 
 
-def set_topology(graph: nx.DiGraph, *, allow_negative_weights: bool = False) -> None:
+def set_topology(graph: nx.DiGraph | Callable[[int], nx.DiGraph], *, allow_negative_weights: bool = False) -> None:
     """Collective: make ``graph`` the static topology of every op that is given no weights.
 
-    ``graph`` is a ``networkx.DiGraph`` on nodes ``0..size-1``; edge ``j -> i`` carries
-    ``weight`` = the weight rank i gives to j's value, the self-loop ``i -> i`` rank i's self
-    weight (0 if absent). A graph without any weights gets uniform weights ``1/(indegree+1)``.
-    Raises :class:`InputMismatchError` on every rank if the graph is invalid on any rank or
-    differs between ranks; the previous topology then stays in place.
+    ``graph`` is a ``networkx.DiGraph`` on nodes ``0..size-1``, or a builder ``n -> graph`` (a
+    ``topologies`` function such as ``topologies.ring``, or a ``functools.partial`` of one) called
+    with the number of ranks; :func:`gossip.recover` rebuilds a builder's graph for the survivors,
+    while a graph given as such cannot follow a change of size. Edge ``j -> i`` carries ``weight``
+    = the weight rank i gives to j's value, the self-loop ``i -> i`` rank i's self weight (0 if
+    absent). A graph without any weights gets uniform weights ``1/(indegree+1)``. Raises
+    :class:`InputMismatchError` on every rank if the graph is invalid on any rank or differs
+    between ranks; the previous topology then stays in place.
     """
     rt = current()
-    new = build_static_topology(rt.comm, graph, allow_negative_weights)
+    builder = None
+    if callable(graph) and not isinstance(graph, nx.Graph):
+        builder, graph = graph, topology_for(graph, rt.size, rt.rank)
+    with rt.watchdog.guard("set_topology"):
+        new = build_static_topology(rt.comm, graph, allow_negative_weights)
     old, rt.topology = rt.topology, new
+    rt.topology_builder = builder
     old.free()
+
+
+def topology_for(builder: Callable[[int], nx.DiGraph], size: int, rank: int) -> nx.DiGraph:
+    """``builder(size)``, or ValueError naming the builder when it has no graph on ``size`` ranks."""
+    try:
+        return builder(size)
+    except (TypeError, ValueError) as error:
+        name = getattr(builder, "__qualname__", None) or getattr(getattr(builder, "func", None), "__qualname__", None)
+        raise ValueError(f"rank {rank}: the topology builder {name or repr(builder)} has no graph on {size} ranks: "
+                         f"{error}") from None
 
 
 def topology() -> nx.DiGraph:

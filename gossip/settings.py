@@ -15,7 +15,11 @@ keyword                variable                     meaning (default)
 ``abort_on_error``     ``GOSSIP_ABORT_ON_ERROR``    an uncaught exception aborts the job (on)
 ``shared_memory``      ``GOSSIP_SHARED_MEMORY``     blocking CPU neighbour ops through node
                                                     shared memory when all ranks share one
-                                                    machine (on)
+                                                    machine (on; off in fault-tolerant mode)
+``fault_tolerant``     ``GOSSIP_FAULT_TOLERANT``    a dead rank raises :class:`gossip.RankFailure`
+                                                    on the survivors, which may continue with
+                                                    :func:`gossip.recover` (off; needs
+                                                    ``gossiprun --fault-tolerant``)
 ``op_timeout``         ``GOSSIP_OP_TIMEOUT``        seconds one op may wait before
                                                     :class:`gossip.OpTimeoutError` (none)
 ``timeline``           ``GOSSIP_TIMELINE``          trace file (:mod:`gossip.tools.timeline`)
@@ -56,6 +60,7 @@ class Settings:
     check: bool = True
     abort_on_error: bool = True
     shared_memory: bool = True
+    fault_tolerant: bool = False
     op_timeout: float | None = None
     timeline: str | None = None
     debug_buffers: bool = False
@@ -86,6 +91,13 @@ class Settings:
                 values[name] = message_chunk_bytes()  # the one mpi_settings applied before MPI started
             elif env.get(variable) not in (None, ""):
                 values[name] = parse(env[variable], variable)
+        if values.get("fault_tolerant"):
+            # Node shared memory synchronises every rank of the machine through one window: a rank
+            # that dies inside it would leave the others waiting, so fault-tolerant mode goes without.
+            if values.get("shared_memory"):
+                raise ValueError("shared_memory and fault_tolerant cannot both be on: node shared memory "
+                                 "is not fault tolerant (leave shared_memory unset, or 0)")
+            values["shared_memory"] = False
         return replace(cls(), **values)
 
     def describe(self) -> str:
@@ -139,6 +151,7 @@ _PARSERS = {
     "check": _flag,
     "abort_on_error": _flag,
     "shared_memory": _flag,
+    "fault_tolerant": _flag,
     "op_timeout": _seconds,
     "timeline": _path,
     "debug_buffers": _flag,

@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 from mpi4py import MPI
 
-from gossip.errors import InputMismatchError
+from gossip.errors import GossipError, InputMismatchError
 from gossip.transport._waiting import Watchdog
 
 _MASK = (1 << 64) - 1
@@ -76,8 +76,13 @@ def agree(
     receives_from = tuple(receives_from)
     balance = _balance(comm.rank, sends_to, receives_from, sig)
     vote = 0 if protocol is None else protocol + 1
+    global _LOCAL, _TOTAL
     _LOCAL[:] = (balance, 0 if problem is None else 1, vote, vote * vote)
-    watchdog.wait([comm.Iallreduce(_LOCAL, _TOTAL, op=MPI.SUM)], f"cross-rank check of {what}")
+    try:
+        watchdog.wait([comm.Iallreduce(_LOCAL, _TOTAL, op=MPI.SUM)], f"cross-rank check of {what}")
+    except GossipError:  # a timeout or a rank failure: the abandoned allreduce may still write them
+        _LOCAL, _TOTAL = np.zeros_like(_LOCAL), np.zeros_like(_TOTAL)
+        raise
     balance_sum, problem_count, vote_sum, vote_square_sum = _TOTAL.tolist()
     # All votes equal  <=>  (sum v)^2 == n * sum v^2 (Cauchy-Schwarz; exact for small ints).
     if balance_sum == 0 and problem_count == 0 and vote_sum * vote_sum == comm.size * vote_square_sum:

@@ -6,23 +6,42 @@ without raising, so that one rank's bad argument cannot leave the others waiting
 rank agree, in one small allreduce (:mod:`gossip.ops._checks`), that the inputs fit together,
 raising :class:`gossip.InputMismatchError` on every rank when they do not. Half types are reduced
 in float32 (:func:`widen`), and the result goes into the caller's ``out=`` when it fits and does
-not overlap what neighbours still read (:func:`pick_output`), else into a new tensor.
+not overlap what neighbours still read (:func:`pick_output`), else into a new tensor. In
+fault-tolerant mode every op is wrapped by :func:`failures_raised`, so that an MPI error of a
+failed rank or a revoked communicator (posting an op on it fails at once) raises
+:class:`gossip.RankFailure`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
 
 from gossip.ops import _checks as checks
-from gossip.runtime import Runtime
+from gossip.runtime import Runtime, current_or_none
 from gossip.transport._buffers import FLOAT_DTYPES, LOW_PRECISION, overlaps
 
 #: dtypes of the weighted (neighbour, hierarchical) ops: float32/float64, and float16/bfloat16 reduced in float32.
 FLOATS = FLOAT_DTYPES
 
 Problem = str | TypeError | ValueError | None
+
+
+def failures_raised(what: str) -> Callable:
+    """Decorate an op: in fault-tolerant mode an MPI error of a failed rank inside it raises
+    :class:`gossip.RankFailure` naming the op ``what`` (after revoking the runtime's communicators)."""
+    def decorate(op: Callable) -> Callable:
+        @functools.wraps(op)
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            rt = current_or_none()
+            if rt is None or rt.failures is None:
+                return op(*args, **kwargs)
+            with rt.failures.guard(what):
+                return op(*args, **kwargs)
+        return call
+    return decorate
 
 
 def tensor_problem(tensor: object, op: str, allowed: tuple[torch.dtype, ...],

@@ -25,6 +25,7 @@ _GATHERABLE = _REDUCIBLE + (torch.uint8, torch.int8, torch.int16)
 _BROADCASTABLE = _GATHERABLE + (torch.bool,)
 
 
+@prologue.failures_raised("allreduce")
 def allreduce(tensor: torch.Tensor, op: str = "mean", *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Collective: the elementwise ``"mean"`` or ``"sum"`` of ``tensor`` over all ranks.
 
@@ -78,6 +79,7 @@ def _allreduce_whole(rt: Runtime, wide: torch.Tensor, result: torch.Tensor) -> N
     transport.done_with(send, wide)
 
 
+@prologue.failures_raised("broadcast")
 def broadcast(tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
     """Collective: ``root``'s ``tensor`` on every rank, as a new tensor (input untouched)."""
     rt = current()
@@ -106,6 +108,7 @@ def _broadcast_inplace(rt: Runtime, flat: torch.Tensor, root: int) -> None:
         transport.received(buf, flat)
 
 
+@prologue.failures_raised("allgather")
 def allgather(tensor: torch.Tensor) -> torch.Tensor:
     """Collective: every rank's tensor concatenated along dim 0, in rank order.
 
@@ -132,12 +135,14 @@ def allgather(tensor: torch.Tensor) -> torch.Tensor:
     return result
 
 
+@prologue.failures_raised("barrier")
 def barrier() -> None:
     """Collective: return once every rank has called it."""
     rt = current()
     rt.watchdog.wait([rt.comm.Ibarrier()], "barrier")
 
 
+@prologue.failures_raised("broadcast_parameters")
 def broadcast_parameters(module_or_state: torch.nn.Module | Mapping[str, torch.Tensor], root: int = 0) -> None:
     """Collective: overwrite, in place, every parameter and buffer (or state-dict tensor) with
     ``root``'s values, so that all ranks start equal.

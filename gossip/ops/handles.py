@@ -2,7 +2,8 @@
 
 Every handle with MPI requests is registered with the runtime's record of operations in flight
 (:mod:`gossip.transport._in_flight`), which keeps its buffers alive should the handle be dropped
-before ``wait()``.
+before ``wait()``. A handle whose operation was abandoned after a rank failure (fault-tolerant
+mode) raises :class:`gossip.RankFailure` from ``wait()``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from mpi4py import MPI
 
-from gossip.errors import GossipError
+from gossip.errors import GossipError, RankFailure
 from gossip.transport._in_flight import InFlight, Operation
 from gossip.transport._trace import COMMUNICATION, op_args
 
@@ -36,6 +37,7 @@ class Handle:
         tracing = in_flight is not None and in_flight.watchdog.recorder is not None
         self._launched = time.perf_counter() if tracing else None
         self._finalizer = None
+        self._abandoned: str | None = None  # why the operation was given up (a rank failure), or None
         self._in_flight = in_flight
         if requests:
             if in_flight is None:
@@ -44,10 +46,22 @@ class Handle:
 
     def done(self) -> bool:
         """True if the transfers have completed (``wait()`` will not block on communication)."""
-        return self._operation is None or self._operation.done()
+        operation = self._operation
+        return operation is None or not operation.requests or operation.done(self._in_flight.watchdog)
+
+    def _abandon(self, reason: str) -> Operation:
+        """Give the operation up (after a rank failure): ``wait()`` will raise; returns the operation,
+        whose requests and buffers the caller keeps."""
+        operation, self._operation = self._operation, None
+        self._abandoned = reason
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        return operation
 
     def wait(self) -> torch.Tensor:
         """Block until the transfers complete, finish the operation and return its result."""
+        if self._abandoned is not None:
+            raise RankFailure(f"{self.what}: {self._abandoned}")
         operation = self._operation
         if operation is not None:
             if operation.requests:

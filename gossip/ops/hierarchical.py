@@ -50,6 +50,7 @@ def _describe(machine_topology) -> tuple:
     return tuple(sorted((int(j), int(i), round(float(d["weight"]), 12)) for j, i, d in edges))
 
 
+@prologue.failures_raised("hierarchical_neighbor_allreduce")
 def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.DiGraph | DynamicTopology | None = None,
                                     step: int = 0, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Collective: average within this machine, gossip the machine averages on ``machine_topology``

@@ -271,6 +271,7 @@ def _run_pipelined(rt: Runtime, flat: torch.Tensor, ex: _Exchange, result: torch
     rt.transport.pipeline.run(flat, len(ex.sources), post, consume, "neighbor_allreduce", peers)
 
 
+@prologue.failures_raised("neighbor_allreduce_async")
 def neighbor_allreduce_async(
     tensor: torch.Tensor,
     *,
@@ -290,6 +291,7 @@ def neighbor_allreduce_async(
     return _start(rt, tensor, exchange, route, out)
 
 
+@prologue.failures_raised("neighbor_allreduce")
 def neighbor_allreduce(
     tensor: torch.Tensor,
     *,
@@ -325,6 +327,7 @@ def neighbor_allreduce(
     return _start(rt, tensor, exchange, route, out).wait()
 
 
+@prologue.failures_raised("neighbor_allgather")
 def neighbor_allgather(tensor: torch.Tensor) -> torch.Tensor:
     """Collective: the static in-neighbours' tensors stacked, shape ``(indegree, *tensor.shape)``.
 

@@ -23,10 +23,15 @@ This is the asynchronous parameter-server scheme of Dean et al., "Large scale di
 networks" (NeurIPS 2012), and Li et al., "Scaling distributed machine learning with the parameter
 server" (OSDI 2014); workers compute on parameters that may be stale by the updates other
 workers made in between.
+
+In fault-tolerant mode an MPI error of a failed rank raises :class:`gossip.RankFailure` from
+:meth:`ParameterServer.serve`, :meth:`ParameterServer.pull` and :meth:`ParameterServer.push`;
+:func:`gossip.recover` closes the server without its collective free (:meth:`ParameterServer.abandon`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -39,6 +44,17 @@ from gossip.transport._buffers import mpi_datatype
 
 TAG_INDEX, TAG_GRADIENT, TAG_PARAMETERS, TAG_STOP = 301, 302, 303, 304
 LEAVING = -1  # the index a worker sends to a server to say it leaves
+
+
+def _failures_raised(method):
+    """Fault-tolerant mode: an MPI error of a failed rank inside ``method`` raises :class:`gossip.RankFailure`."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.comm == MPI.COMM_NULL:
+            raise RuntimeError(f"rank {self.rank}: this parameter server was closed (freed, or by gossip.recover())")
+        with self._watchdog.guard(f"parameter server {method.__name__}"):
+            return method(self, *args, **kwargs)
+    return call
 
 
 class ParameterServer:
@@ -99,6 +115,7 @@ class ParameterServer:
 
     # --- server ----------------------------------------------------------------------------------
 
+    @_failures_raised
     def serve(self, update: Callable[[torch.Tensor, torch.Tensor, int, int], int], updates: int) -> int:
         """Send w⁰ (this server's shard) to every worker, then apply ``updates`` gradients as they
         arrive: ``update(parameters, gradient, ite, worker)`` changes the shard's parameters in place
@@ -141,6 +158,7 @@ class ParameterServer:
 
     # --- worker ----------------------------------------------------------------------------------
 
+    @_failures_raised
     def pull(self) -> list[int] | None:
         """Receive every server's reply: parameters written into ``parameters``; returns their
         iteration indices (one per server, in ``servers`` order), or None when a server has
@@ -167,6 +185,7 @@ class ParameterServer:
             self.parameters.copy_(torch.from_numpy(self._received))
         return indices
 
+    @_failures_raised
     def push(self, gradient: torch.Tensor, indices: Sequence[int]) -> None:
         """Send each server its shard of a gradient computed at the parameters of its iteration
         index (``indices``, as :meth:`pull` returned them)."""
@@ -181,6 +200,12 @@ class ParameterServer:
         for server, ite in zip(self.servers, indices, strict=True):
             self.comm.Send([np.array([ite], dtype=np.int64), MPI.INT64_T], dest=server, tag=TAG_INDEX)
             self.comm.Send([host[self.shards[server]], self._datatype], dest=server, tag=TAG_GRADIENT)
+
+    def abandon(self, reason: str) -> None:
+        """Close the server without the collective free, after a rank failure (``reason``); its
+        communicator is kept until the process ends."""
+        self._kept, self.comm = self.comm, MPI.COMM_NULL
+        self.stopped = True
 
     def free(self) -> None:
         """Collective: release the server's communicator (``gossip.shutdown`` does it otherwise)."""

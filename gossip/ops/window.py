@@ -31,11 +31,23 @@ window's memory is host memory (``MPI_Win_allocate``), so folds combine there an
 staged (the transport's host-memory route) through pinned buffers allocated with the window (one
 copy each way per call, nothing allocated per call; :meth:`buffers` returns tensors on the
 tensor's device). Supported dtypes: float32 and float64.
+
+Fault-tolerant mode: every call first asks whether a rank has failed and then raises
+:class:`gossip.RankFailure` (on one machine a put into a dead rank's memory completes like any
+other, so the failure would otherwise go unseen), and an MPI error of a failed rank raises it too.
+MPI one-sided communication is not fault tolerant in Open MPI's ULFM, so two kinds of window are
+refused there: ``mutex=True`` (a rank that dies holding an exclusive lock would block every other
+rank's lock on its window forever) and windows whose ranks span several machines (between machines
+a put to a rank that had just died blocked forever; on one machine the window is shared memory and
+the survivors go on). :func:`gossip.recover` frees every open window (``MPI_Win_free`` on every
+survivor, its errors ignored: left to ``MPI_Finalize``, the free waits on the dead rank); create
+windows again on the survivors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping
 
 import networkx as nx
@@ -44,6 +56,7 @@ import torch
 from mpi4py import MPI
 
 from gossip import runtime
+from gossip.errors import GossipError
 from gossip.ops import _prologue as prologue
 from gossip.ops.handles import Handle
 from gossip.transport import Transport
@@ -56,6 +69,38 @@ def _sources_of(graph, rank: int) -> list[int]:
     return sorted(j for j in graph.predecessors(rank) if j != rank)
 
 
+def _check_fault_tolerant(rt, name: str, mutex: bool) -> None:  # noqa: ANN001 - the runtime
+    """Collective in fault-tolerant mode: refuse the windows a dead rank could block forever (module docstring)."""
+    if mutex:
+        raise ValueError(f"rank {rt.rank}: Window({name!r}, mutex=True) is not available in fault-tolerant mode: a "
+                         "rank that dies holding the exclusive lock would block its peers' locks forever")
+    with rt.failures.guard(f"Window({name!r})"):
+        node = rt.comm.Split_type(MPI.COMM_TYPE_SHARED, key=rt.rank)
+        one_host = node.size == rt.size  # the same answer on every rank
+        node.Free()
+    if not one_host:
+        raise GossipError(f"rank {rt.rank}: Window({name!r}) is not available in fault-tolerant mode when the ranks "
+                          "span several machines: Open MPI's one-sided communication between machines is not fault "
+                          "tolerant (a put to a rank that died there blocks forever)")
+
+
+def _failures_checked(what: str):
+    """Decorate a window call: the window must be open; in fault-tolerant mode a known rank failure
+    raises :class:`gossip.RankFailure` first, and so does an MPI error of a failed rank inside."""
+    def decorate(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            self._check_open()
+            failures = self._runtime.failures
+            if failures is None:
+                return method(self, *args, **kwargs)
+            failures.check(f"window {self.name!r} {what}")
+            with failures.guard(f"window {self.name!r} {what}"):
+                return method(self, *args, **kwargs)
+        return call
+    return decorate
+
+
 class Window:
     """A tensor's one-sided window: neighbours put/accumulate into it; the owner folds them in."""
 
@@ -66,6 +111,8 @@ class Window:
         if not isinstance(name, str) or not name:
             raise ValueError(f"rank {rank}: a window needs a non-empty string name, got {name!r}")
         edges = None
+        if rt.failures is not None:
+            _check_fault_tolerant(rt, name, mutex)
         if name in rt.windows:
             problem = f"a window named {name!r} is already open (free it first)"
         else:
@@ -81,7 +128,8 @@ class Window:
                 problem = f"window {name!r}: invalid graph: {error}"
         shape, dtype = (tuple(tensor.shape), str(tensor.dtype)) if isinstance(tensor, torch.Tensor) else (None, None)
         described = (name, shape, dtype, bool(mutex), edges, problem)
-        everyone = comm.allgather(described)  # collective: every rank learns every rank's request
+        with rt.watchdog.guard(f"Window({name!r})"):
+            everyone = comm.allgather(described)  # collective: every rank learns every rank's request
         for r, (other_name, shape, dtype, other_mutex, other_edges, other_problem) in enumerate(everyone):
             if other_problem is not None:
                 raise ValueError(f"rank {r}: {other_problem}")
@@ -114,7 +162,11 @@ class Window:
         data_bytes = (1 + len(self.sources)) * self._slot_bytes
         # my slot's index at each destination (every rank's sources are known from the graph)
         self._my_slot_at = {d: 1 + _sources_of(graph, d).index(rank) for d in self.destinations}
-        self._win = MPI.Win.Allocate(self._data_offset + data_bytes, 1, comm=comm)
+        self._abandoned: str | None = None  # why gossip.recover() closed the window, or None
+        with rt.watchdog.guard(f"Window({name!r})"):
+            self._win = MPI.Win.Allocate(self._data_offset + data_bytes, 1, comm=comm)
+        if rt.failures is not None:
+            self._win.Set_errhandler(MPI.ERRORS_RETURN)
         memory = np.frombuffer(self._win.tomemory(), dtype=np.uint8)
         self._all_counters = memory[:self._data_offset].view(np.int64)
         self._slots = memory[self._data_offset:].view(self._np_dtype).reshape(1 + len(self.sources), self.numel)
@@ -134,14 +186,18 @@ class Window:
             self._all_counters[:] = 0
         rt.windows[name] = self
         self._runtime = rt
-        comm.Barrier()  # no rank writes into a window another rank has not initialised
-        if not mutex:
-            self._win.Lock_all(MPI.MODE_NOCHECK)  # one shared access epoch to every rank, for the job
+        with rt.watchdog.guard(f"Window({name!r})"):
+            comm.Barrier()  # no rank writes into a window another rank has not initialised
+            if not mutex:
+                self._win.Lock_all(MPI.MODE_NOCHECK)  # one shared access epoch to every rank, for the job
 
     # --- helpers ---------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._win is None:
+            if self._abandoned is not None:
+                raise ValueError(f"rank {self.rank}: window {self.name!r} was closed by {self._abandoned}; create it "
+                                 "again on the surviving ranks")
             raise ValueError(f"rank {self.rank}: window {self.name!r} has been freed")
 
     def _host(self, tensor: torch.Tensor, fold: bool = False) -> np.ndarray:
@@ -180,7 +236,7 @@ class Window:
     # --- writing into neighbours ------------------------------------------------------------------
 
     def _write(self, tensor, dst_weights, accumulate: bool):
-        self._check_open()
+        what = f"window {self.name!r} {'accumulate' if accumulate else 'put'}"
         host = self._host(self.tensor if tensor is None else tensor)
         weights = self._weights(dst_weights, self.destinations, "destinations")
         requests = []
@@ -204,39 +260,43 @@ class Window:
                 requests.append(self._win.Raccumulate([self._one, MPI.INT64_T], dst, counter, MPI.SUM))
 
         def finish() -> torch.Tensor:
-            for dst in weights if not self.mutex else ():
-                self._win.Flush(dst)  # remote completion
+            with self._runtime.watchdog.guard(what):
+                for dst in weights if not self.mutex else ():
+                    self._win.Flush(dst)  # remote completion
             return self.tensor
 
-        what = f"window {self.name!r} {'accumulate' if accumulate else 'put'}"
         return Handle(requests, finish, what=what, peers=list(weights), nbytes=self._slot_bytes * len(weights),
                       in_flight=runtime.current().in_flight)
 
+    @_failures_checked("put")
     def put(self, tensor: torch.Tensor | None = None, dst_weights: Mapping[int, float] | None = None) -> None:
         """Write ``dst_weights[d]·tensor`` (default: the window's tensor, weight 1, every
         out-neighbour) into this rank's buffer at each destination d, replacing it; bump d's
         version counter for this rank. Complete at the destination when this returns."""
         self._write(tensor, dst_weights, accumulate=False).wait()
 
+    @_failures_checked("accumulate")
     def accumulate(self, tensor: torch.Tensor | None = None, dst_weights: Mapping[int, float] | None = None) -> None:
         """As :meth:`put`, but add to the buffer at each destination (MPI_Accumulate, SUM)."""
         self._write(tensor, dst_weights, accumulate=True).wait()
 
+    @_failures_checked("put")
     def put_async(self, tensor=None, dst_weights=None) -> Handle:
         """Nonblocking :meth:`put`: ``wait()`` completes it (``tensor`` must not change until then).
         With the mutex the transfer completes before this returns (exclusive epochs are blocking)."""
         return self._write(tensor, dst_weights, accumulate=False)
 
+    @_failures_checked("accumulate")
     def accumulate_async(self, tensor=None, dst_weights=None) -> Handle:
         """Nonblocking :meth:`accumulate`."""
         return self._write(tensor, dst_weights, accumulate=True)
 
     # --- reading from neighbours ------------------------------------------------------------------
 
+    @_failures_checked("get")
     def get(self, src_weights: Mapping[int, float] | None = None) -> None:
         """Fetch each in-neighbour j's published tensor, scaled by ``src_weights[j]`` (default 1,
         every in-neighbour), into this rank's buffer for j; bump j's version counter here."""
-        self._check_open()
         weights = self._weights(src_weights, self.sources, "sources")
         fetched = {}
         for src in weights:
@@ -256,26 +316,26 @@ class Window:
 
     # --- the owner's side -------------------------------------------------------------------------
 
+    @_failures_checked("versions")
     def versions(self) -> dict[int, int]:
         """For each in-neighbour, how many writes (put, accumulate, get) arrived since the last update."""
-        self._check_open()
         with self._own_lock():
             return {src: int(self._all_counters[src]) for src in self.sources}
 
+    @_failures_checked("buffers")
     def buffers(self) -> dict[int, torch.Tensor]:
         """A consistent copy of every in-neighbour's buffer, shaped like the tensor."""
-        self._check_open()
         with self._own_lock():
             copies = self._slots[1:].copy()
         shape, device = self.tensor.shape, self.tensor.device
         return {src: torch.from_numpy(copies[k]).view(shape).to(device) for k, src in enumerate(self.sources)}
 
+    @_failures_checked("update")
     def update(self, self_weight: float | None = None, src_weights: Mapping[int, float] | None = None,
                reset_versions: bool = True) -> torch.Tensor:
         """``x ← self_weight·x + Σ_j src_weights[j]·buffer_j`` into the tensor (in place), publish
         it for :meth:`get`, reset the version counters; returns the tensor. Defaults: the static
         topology's mixing weights."""
-        self._check_open()
         self_weight = self._self_weight if self_weight is None else float(self_weight)
         weights = self._src_weights if src_weights is None else self._weights(src_weights, self.sources, "sources")
         combined = self._scratch
@@ -288,13 +348,13 @@ class Window:
                 self._all_counters[:] = 0
         return self._set_tensor(combined)
 
+    @_failures_checked("update_arrived")
     def update_arrived(self) -> list[int]:
         """Fold in only what arrived since the last update: with A the in-neighbours whose version
         counter is > 0, ``x ← (x + Σ_{j∈A} buffer_j) / (1 + |A|)`` (nothing changes when A is
         empty); publish x, reset the counters, and return A. With the mutex a write is folded whole,
         now or at the next call; without it a write landing during the fold may be folded in part
         (as any unguarded read), and then counts as folded."""
-        self._check_open()
         combined = self._scratch
         with self._own_lock():
             arrived = [src for src in self.sources if self._all_counters[src] > 0]
@@ -322,12 +382,27 @@ class Window:
         """Collective: release the window (its name may then be reused)."""
         if self._win is None:
             return
-        if not self.mutex:
-            self._win.Unlock_all()
-        self._win.Free()
+        with self._runtime.watchdog.guard(f"window {self.name!r} free"):
+            if not self.mutex:
+                self._win.Unlock_all()
+            self._win.Free()
         self._win = None
         self._slots = self._all_counters = None
         self._runtime.windows.pop(self.name, None)
+
+    def abandon(self, reason: str) -> None:
+        """Close the window after a rank failure (``reason`` says by what), on every survivor in the
+        same order: ``MPI_Win_free`` with its errors ignored, while the MPI library still tolerates
+        the failure (left to ``MPI_Finalize``, the free's barrier with the dead rank can hang)."""
+        win, self._win = self._win, None
+        self._slots = self._all_counters = None
+        self._abandoned = reason
+        try:
+            if not self.mutex:
+                win.Unlock_all()
+            win.Free()
+        except MPI.Exception:
+            self._kept = win  # not freed: kept until the process ends
 
     def __enter__(self) -> Window:
         return self

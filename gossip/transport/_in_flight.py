@@ -9,6 +9,11 @@ handle with requests is registered with :class:`InFlight`: when a handle is coll
 its requests and buffers are adopted, kept until MPI completes them (tested at every new op,
 waited at ``shutdown``), and only then dropped; the op's result is discarded and nothing is
 written into the caller's tensors.
+
+After a rank failure (fault-tolerant mode), :meth:`InFlight.abandon` gives up every operation in
+flight: a live handle's ``wait()`` then raises :class:`gossip.RankFailure`, and the requests and
+buffers of every operation are kept by the watchdog for the life of the process, never freed
+(:mod:`gossip.transport._waiting` says why).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable
 import torch
 from mpi4py import MPI
 
+from gossip.errors import RankFailure
 from gossip.transport._waiting import Watchdog
 
 
@@ -31,8 +37,9 @@ class Operation:
     def __init__(self, requests: list[MPI.Request], finish: Callable[[], torch.Tensor], what: str) -> None:
         self.requests, self.finish, self.what = requests, finish, what
 
-    def done(self) -> bool:
-        return bool(MPI.Request.Testall(self.requests))
+    def done(self, watchdog: Watchdog) -> bool:
+        """True (requests freed) once MPI has completed every request; never blocks."""
+        return watchdog.completed(self.requests, self.what)
 
 
 class InFlight:
@@ -67,9 +74,14 @@ class InFlight:
                   "its buffers are kept until MPI completes it and its result is discarded", file=sys.stderr)
 
     def reap(self) -> None:
-        """Drop the adopted operations that MPI has completed (progressing the others)."""
+        """Drop the adopted operations that MPI has completed (progressing the others); after a
+        failure, keep them with the watchdog's abandoned requests instead."""
         if self._orphans:
-            remaining = [op for op in self._orphans if not op.done()]
+            try:
+                remaining = [op for op in self._orphans if not op.done(self.watchdog)]
+            except RankFailure:
+                self.watchdog.abandoned.extend(self._orphans)
+                remaining = []
             self.active -= len(self._orphans) - len(remaining)
             self._orphans = remaining
 
@@ -88,3 +100,15 @@ class InFlight:
         for op in orphans:
             self.watchdog.wait(op.requests, f"{op.what} (dropped before completion)")
             self.active -= 1
+
+    def abandon(self, reason: str) -> None:
+        """Give up every operation in flight after a failure, waiting for none: live handles raise
+        :class:`gossip.RankFailure` with ``reason`` when waited on; every operation's requests and
+        buffers go to the watchdog's abandoned list."""
+        for handle in list(self._live):
+            if handle._operation is not None:
+                self.watchdog.abandoned.append(handle._abandon(reason))
+        self.watchdog.abandoned.extend(self._orphans)
+        self._orphans = []
+        self._live = weakref.WeakSet()
+        self.active = 0

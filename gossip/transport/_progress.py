@@ -8,7 +8,9 @@ computes, so the overlap of the adapt-while-combine optimizers is partial on a n
 default), this thread calls ``MPI_Iprobe`` on a private communicator, where nothing is ever sent,
 every ``interval`` seconds while an op is in flight; each call runs the progress engine, which
 advances every pending transfer. It sleeps on an event when nothing is in flight, and holds the
-GIL only for the call itself (torch releases it while computing).
+GIL only for the call itself (torch releases it while computing). Once a rank of the communicator
+has failed (fault-tolerant mode), ``MPI_Iprobe`` on it reports the failure instead; the thread then
+drives progress through ``MPI_COMM_SELF`` and leaves the failure to the waits that report it.
 """
 
 from __future__ import annotations
@@ -37,16 +39,23 @@ class ProgressThread:
         self._thread.start()
 
     def _run(self) -> None:
+        probe = self._comm
         while not self._stop:
             if self._in_flight.active > 0:
-                self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+                try:
+                    probe.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+                except MPI.Exception:  # a failed rank (fault-tolerant mode): progress without it
+                    probe = MPI.COMM_SELF
                 time.sleep(self._interval)
             else:
                 self._wake.wait(0.1)
                 self._wake.clear()
 
-    def stop(self) -> None:
+    def stop(self, free: bool = True) -> None:
+        """End the thread; ``free``: release its communicator (not after a failure, when it may
+        hold a failed rank: it is then kept)."""
         self._stop = True
         self._wake.set()
         self._thread.join()
-        self._comm.Free()
+        if free:
+            self._comm.Free()

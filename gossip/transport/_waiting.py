@@ -8,6 +8,16 @@ past the timeout, raises :class:`gossip.OpTimeoutError` naming the op and the ra
 the runtime's abort-on-error hook then ends the whole job instead of letting it hang. Without a
 timeout it is a plain ``MPI_Waitall``.
 
+In fault-tolerant mode (:mod:`gossip.transport._failures`) every wait polls: each request's state
+with ``MPI_Request_get_status``, which drives MPI's progress and frees nothing, and between polls
+whether a failure is known or the runtime's communicator was revoked. Then it raises
+:class:`gossip.RankFailure` (after revoking the communicators, so that peers waiting on live ranks
+return too), and the requests are kept, never freed, for the life of the process: with Open MPI's
+ob1 point-to-point layer, freeing a send request that a failure completed in error while its
+fragment is still queued ends the process ("Send error after request freed"), and MPI may still
+write into a receive buffer the request keeps alive. Requests are freed (``MPI_Waitall``) only once
+all have completed and no failure is known.
+
 :attr:`Watchdog.waited` is the total time this rank has spent blocked in communication since the
 last reset: the part of communication that computation did not hide. When a trace is being
 recorded (:mod:`gossip.tools.timeline`), every wait is one span on the main track.
@@ -15,13 +25,15 @@ recorded (:mod:`gossip.tools.timeline`), every wait is one span on the main trac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
 
 from mpi4py import MPI
 
-from gossip.errors import OpTimeoutError
+from gossip.errors import OpTimeoutError, RankFailure
+from gossip.transport._failures import FailureDetector, is_failure
 from gossip.transport._trace import MAIN, Recorder, describe_peers, op_args
 
 
@@ -29,18 +41,20 @@ class Watchdog:
     """Waits on MPI requests for one rank, under an optional timeout; counts and traces the waits.
 
     ``recorder`` is the trace being recorded (anything with ``add(name, category, start, end,
-    track, args)``), or None.
+    track, args)``), or None. ``failures``: the runtime's failure detector in fault-tolerant mode,
+    else None.
     """
 
-    def __init__(self, rank: int, timeout: float | None = None) -> None:
+    def __init__(self, rank: int, timeout: float | None = None, failures: FailureDetector | None = None) -> None:
         self.rank = rank
+        self.failures = failures
         self.timeout: float | None = None
         self.set_timeout(timeout)
         self.waited = 0.0
         self.recorder: Recorder | None = None
-        # Requests of ops abandoned by a timeout: MPI may still read or write their buffers, which
-        # these requests keep alive, so they are never dropped (the job normally aborts right after).
-        self.abandoned: list[MPI.Request] = []
+        # Requests (and operations holding them) abandoned by a timeout or a failure: MPI may still read
+        # or write their buffers, which they keep alive, so they are never dropped.
+        self.abandoned: list = []
 
     def set_timeout(self, seconds: float | None) -> None:
         """Raise :class:`OpTimeoutError` when one op waits longer than ``seconds`` (None: wait forever)."""
@@ -49,24 +63,27 @@ class Watchdog:
         self.timeout = None if seconds is None else float(seconds)
 
     def _block(self, block, test, what: str, peers: Sequence[int] | None, nbytes: int | None) -> tuple[float, float]:
-        """Run ``block()``; with an op timeout, poll ``test()`` instead and raise past the deadline.
-        Counts the time as waiting; returns (begin, end)."""
+        """Run ``block()``; with an op timeout (or no ``block``), poll ``test()`` instead and raise past
+        the deadline. Counts the time as waiting; returns (begin, end)."""
         begin = time.perf_counter()
-        if self.timeout is None:
+        if self.timeout is None and block is not None:
             block()
         else:
-            deadline = begin + self.timeout
+            deadline = None if self.timeout is None else begin + self.timeout
             while not test():
-                if time.perf_counter() > deadline:
-                    size = f" of {nbytes} bytes" if nbytes is not None else ""
-                    raise OpTimeoutError(
-                        f"rank {self.rank}: {what}{size} has waited more than {self.timeout:g} s for "
-                        f"{describe_peers(peers)} (GOSSIP_OP_TIMEOUT): a peer failed, is far behind, or is "
-                        f"in a different operation")
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise self._timed_out(what, peers, nbytes)
                 os.sched_yield()
         end = time.perf_counter()
         self.waited += end - begin
         return begin, end
+
+    def _timed_out(self, what: str, peers: Sequence[int] | None, nbytes: int | None) -> OpTimeoutError:
+        size = f" of {nbytes} bytes" if nbytes is not None else ""
+        return OpTimeoutError(
+            f"rank {self.rank}: {what}{size} has waited more than {self.timeout:g} s for "
+            f"{describe_peers(peers)} (GOSSIP_OP_TIMEOUT): a peer failed, is far behind, or is "
+            f"in a different operation")
 
     def wait(self, requests: Sequence[MPI.Request], what: str, peers: Sequence[int] | None = None,
              nbytes: int | None = None) -> None:
@@ -74,16 +91,77 @@ class Watchdog:
         if not requests:
             return
         try:
-            begin, end = self._block(lambda: MPI.Request.Waitall(requests), lambda: MPI.Request.Testall(requests),
-                                     what, peers, nbytes)
-        except OpTimeoutError:
-            self.abandoned.extend(requests)
+            if self.failures is not None:
+                begin, end = self._poll_until_complete(requests, what, peers, nbytes)
+            else:
+                begin, end = self._block(lambda: MPI.Request.Waitall(requests),
+                                         lambda: MPI.Request.Testall(requests), what, peers, nbytes)
+        except (OpTimeoutError, RankFailure):
+            self.abandoned.append(list(requests))
             raise
         if self.recorder is not None:
             self.recorder.add(f"wait {what}", "communication", begin, end, MAIN, op_args(peers, nbytes))
 
+    def _poll_until_complete(self, requests: Sequence[MPI.Request], what: str, peers: Sequence[int] | None,
+                             nbytes: int | None) -> tuple[float, float]:
+        """Fault-tolerant mode's wait (module docstring): poll without freeing, raise on a known failure."""
+        failures = self.failures
+        begin = time.perf_counter()
+        deadline = None if self.timeout is None else begin + self.timeout
+        pending = list(requests)
+        while pending:
+            pending = [r for r in pending if not r.Get_status()]  # drives progress, frees nothing
+            if failures.broken():
+                failures.fail(what)
+            if pending:
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise self._timed_out(what, peers, nbytes)
+                os.sched_yield()
+        try:
+            MPI.Request.Waitall(requests)  # all complete: frees them (a collective may have completed in error)
+        except MPI.Exception as error:
+            if is_failure(error) or failures.broken():
+                failures.fail(what, error)
+            raise
+        end = time.perf_counter()
+        self.waited += end - begin
+        return begin, end
+
+    def completed(self, requests: Sequence[MPI.Request], what: str) -> bool:
+        """True (and the requests freed) if every request has completed; never blocks. In
+        fault-tolerant mode a known failure raises :class:`gossip.RankFailure` instead."""
+        if self.failures is None:
+            return bool(MPI.Request.Testall(requests))
+        complete = all(r.Get_status() for r in requests)  # drives progress, frees nothing
+        if self.failures.broken():
+            self.abandoned.append(list(requests))
+            self.failures.fail(what)
+        if complete:
+            with self.failures.guard(what):
+                MPI.Request.Waitall(requests)
+        return complete
+
+    def guard(self, what: str):  # noqa: ANN201 - a context manager
+        """A context in which a failure error of a blocking MPI call raises :class:`gossip.RankFailure`
+        (fault-tolerant mode; elsewhere it does nothing)."""
+        return contextlib.nullcontext() if self.failures is None else self.failures.guard(what)
+
     def probe(self, comm: MPI.Comm, source: int, tag: int, status: MPI.Status, what: str) -> None:
         """``MPI_Probe`` for a message from ``source`` under the same watchdog as :meth:`wait` (it
-        polls with ``MPI_Iprobe`` when an op timeout is set); the time counts as waiting."""
-        self._block(lambda: comm.Probe(source=source, tag=tag, status=status),
-                    lambda: comm.Iprobe(source=source, tag=tag, status=status), what, [source], None)
+        polls with ``MPI_Iprobe`` when an op timeout is set, or in fault-tolerant mode, where a known
+        failure raises :class:`gossip.RankFailure`); the time counts as waiting."""
+        if self.failures is None:
+            self._block(lambda: comm.Probe(source=source, tag=tag, status=status),
+                        lambda: comm.Iprobe(source=source, tag=tag, status=status), what, [source], None)
+            return
+        failures = self.failures
+
+        def test() -> bool:
+            with failures.guard(what):
+                if comm.Iprobe(source=source, tag=tag, status=status):
+                    return True
+            if failures.broken():
+                failures.fail(what)
+            return False
+
+        self._block(None, test, what, [source], None)
