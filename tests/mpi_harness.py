@@ -65,10 +65,11 @@ def start_job(np: int, command: list[str], env: dict[str, str] | None = None,
 
 
 def run_job(np: int, command: list[str], timeout: float, env: dict[str, str] | None = None,
-            what: str = "the job") -> subprocess.CompletedProcess:
-    """Run ``command`` on ``np`` ranks (:func:`start_job`) to completion; a job still running after
-    ``timeout`` seconds is killed and fails the calling test with the tail of its output."""
-    proc = start_job(np, command, env)
+            what: str = "the job", emulated: Emulated | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` on ``np`` ranks (:func:`start_job`, on an emulated cluster with ``emulated``) to
+    completion; a job still running after ``timeout`` seconds is killed and fails the calling test
+    with the tail of its output."""
+    proc = start_job(np, command, env, emulated=emulated)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

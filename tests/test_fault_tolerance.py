@@ -3,9 +3,6 @@ of op, the survivors get gossip.RankFailure, recover and go on, checked against 
 (tests/mpi_scripts/fault_tolerance.py); and the mode's settings and launcher flags."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -13,7 +10,7 @@ import pytest
 
 from gossip.settings import Settings
 from gossip.tools.launch import fault_tolerant_flags, parse_arguments
-from tests.mpi_harness import TESTS, emulation_unavailable, run_job, start_job
+from tests.mpi_harness import TESTS, emulation_unavailable, run_job
 
 JOB = TESTS / "mpi_scripts" / "fault_tolerance.py"
 BOUND = 120.0  # seconds per job: about 10 s on 2 cores; a hang at any point ends the test well before this
@@ -44,14 +41,9 @@ def run_case(case: str, phase: str, tmp_path) -> list[dict]:
 
 def run_emulated(case: str, tmp_path) -> list[dict]:
     """As :func:`run_case`, on two emulated machines of two ranks (``gossiprun --emulate 2x2 --fault-tolerant``)."""
-    proc = start_job(4, ["--fault-tolerant", sys.executable, str(JOB), case, str(tmp_path)], emulated=("2x2", "1gbit"))
-    try:
-        output, _ = proc.communicate(timeout=BOUND)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the emulated fault-tolerant job {case} was still running after {BOUND:.0f} s:\n{output[-4000:]}")
-    return reports_of(proc.returncode, output)
+    done = run_job(4, ["--fault-tolerant", sys.executable, str(JOB), case, str(tmp_path)], BOUND,
+                   what=f"the emulated fault-tolerant job {case}", emulated=("2x2", "1gbit"))
+    return reports_of(done.returncode, done.stdout)
 
 
 def reports_of(returncode: int, output: str) -> list[dict]:
