@@ -11,10 +11,12 @@ from algorithms.adpsgd import AsynchronousGossipSGD
 from algorithms.async_sgd import AsynchronousSGD
 from algorithms.awc_dmsgd import AWCDmSGD
 from algorithms.base import DecentralizedOptimizer
+from algorithms.choco_sgd import ChocoSGD
 from algorithms.cr_psgd import CRPSGD, CRPSGDCatalyst, growing_batch_sizes
 from algorithms.d2 import D2
 from algorithms.da_dmsgd import DADmSGD
 from algorithms.decentlam import DecentLaM
+from algorithms.diloco import DiLoCo, StreamingDiLoCo
 from algorithms.dmsgd import DmSGD
 from algorithms.dsgd import DSGD
 from algorithms.gradient_tracking import GradientTracking
@@ -25,7 +27,7 @@ from algorithms.registry import AlgorithmSpec, available, create, markdown_table
 from algorithms.sgp import SGP
 from algorithms.slowmo import BMUF, MAVG, OuterMomentum, SlowMo
 
-__all__ = ["AWCDmSGD", "AlgorithmSpec", "AsynchronousGossipSGD", "AsynchronousSGD", "BMUF", "CRPSGD", "CRPSGDCatalyst",
-           "D2", "DADmSGD", "DSGD", "DecentLaM", "DecentralizedOptimizer", "DmSGD", "GradientTracking", "LocalSGD",
-           "MAVG", "OuterMomentum", "PmSGD", "QGDmSGD", "SGP", "SlowMo", "available", "create", "growing_batch_sizes",
-           "markdown_table", "spec", "specs"]
+__all__ = ["AWCDmSGD", "AlgorithmSpec", "AsynchronousGossipSGD", "AsynchronousSGD", "BMUF", "CRPSGD", "ChocoSGD",
+           "CRPSGDCatalyst", "D2", "DADmSGD", "DSGD", "DecentLaM", "DecentralizedOptimizer", "DiLoCo", "DmSGD",
+           "GradientTracking", "LocalSGD", "MAVG", "OuterMomentum", "PmSGD", "QGDmSGD", "SGP", "SlowMo",
+           "StreamingDiLoCo", "available", "create", "growing_batch_sizes", "markdown_table", "spec", "specs"]

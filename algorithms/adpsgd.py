@@ -110,6 +110,17 @@ class AsynchronousGossipSGD(DecentralizedOptimizer):
             self._push.wait()
             self._push = None
 
+    def after_recovery(self, record) -> None:  # noqa: ANN001 - a gossip.Recovery
+        """AD-PSGD does not continue after :func:`gossip.recover`: the recovery freed its window with
+        the failed job's communicator, and its ranks, each at its own pace, share no step to restart
+        from. The next step raises :class:`gossip.GossipError` saying so; :meth:`finish` still
+        averages the survivors' models (collective). Nothing here communicates."""
+        self._push = None  # its handle would raise RankFailure
+        self.unusable = (f"adpsgd cannot continue after gossip.recover() (rank(s) {list(record.failed)} of "
+                         f"{record.old_size} failed): its one-sided window was freed with the failed job's "
+                         "communicator and its ranks share no step to restart from; call finish(average=True) on "
+                         "every survivor for their average model, or resume from a checkpoint")
+
     def describe(self) -> str:
         peers = f"{type(self.family).__name__} peers" if self.family is not None else "every out-neighbour"
         return (f"the model: one-sided pushes into the windows of {peers} after every step, never waiting; "
@@ -117,6 +128,7 @@ class AsynchronousGossipSGD(DecentralizedOptimizer):
 
     def close(self) -> None:
         """Collective: finish this rank's push and free the window (:meth:`finish` without the average)."""
+        self._stop_listening()
         self.finish(average=False)
 
     def finish(self, average: bool = True) -> None:

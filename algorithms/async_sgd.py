@@ -23,6 +23,17 @@ applies the rule to its contiguous shard, with its own iteration count. Use::
         while not opt.stopped:
             opt.zero_grad(); loss(model(x), y).backward(); opt.step()
 
+In fault-tolerant mode (``gossip.init(fault_tolerant=True)`` under ``gossiprun --fault-tolerant``)
+a dead worker does not stop the training: the server stops expecting it, serves the others to
+the end, and its rule goes on with the live workers' K (``rule.set_workers``: OrMo's groups and
+OrMo-DA's step use it); ``serve(on_failure=...)`` is told. Whatever the dead worker still had in
+flight is dropped, and its data is no longer seen. A dead server ends the training: ``step()``
+raises :class:`gossip.RankFailure` naming it on every worker
+(:mod:`gossip.ops.parameter_server`). At the end every live rank calls ``close()``, an agreement
+of the survivors; if a rank failed (``opt.server.had_failures``, the same on all of them),
+:func:`gossip.recover` on every survivor makes collectives and ``gossip.shutdown`` work again. A
+recovery closes the parameter server: the optimizer cannot step after it.
+
 Weight decay is added to the worker's gradient. The learning rate is read from
 ``param_groups[0]["lr"]`` at every update on the server (so LR schedulers there take effect).
 ``opt.rule.staleness`` on the server holds t − ite for every update.
@@ -77,12 +88,23 @@ class AsynchronousSGD(DecentralizedOptimizer):
 
     def close(self) -> None:
         """Collective: free the parameter server's communicator (after :meth:`serve` has returned on
-        the server and every worker has stopped). Idempotent."""
+        the server and every worker has stopped). Idempotent. In fault-tolerant mode every live rank
+        calls it, also a worker whose step raised :class:`gossip.RankFailure`: it is an agreement of
+        the survivors, after which ``self.server.had_failures`` says on each of them alike whether a
+        rank failed (then :func:`gossip.recover`, on every survivor, makes collectives work again)."""
+        super().close()
         self.server.free()
 
-    def serve(self, updates: int, on_update=None) -> int:
+    def _recover_state(self, leader: int) -> None:
+        """After :func:`gossip.recover` (which closed the parameter server) the optimizer cannot step."""
+        self.unusable = (f"{self.rule_name} cannot continue after gossip.recover(): the recovery closed its parameter "
+                         "server; create the optimizer again on the survivors")
+
+    def serve(self, updates: int, on_update=None, on_failure=None) -> int:
         """Server: apply ``updates`` gradients in arrival order, then stop every worker.
-        ``on_update(w, g, ite, worker)``, if given, is called before each update (e.g. to record)."""
+        ``on_update(w, g, ite, worker)``, if given, is called before each update (e.g. to record);
+        ``on_failure(worker, applied)`` when a worker is found dead after ``applied`` updates
+        (fault-tolerant mode), once the rule has been told the number of live workers."""
 
         def update(w, g, ite, worker):
             if on_update is not None:
@@ -90,7 +112,12 @@ class AsynchronousSGD(DecentralizedOptimizer):
             self.rule.lr = self.param_groups[0]["lr"]
             return self.rule.apply(w, g, ite)  # w, g: this server's shard
 
-        return self.server.serve(update, updates)
+        def failed(worker, applied):
+            self.rule.set_workers(max(1, len(self.server.workers) - len(self.server.failed)))
+            if on_failure is not None:
+                on_failure(worker, applied)
+
+        return self.server.serve(update, updates, on_failure=failed)
 
     def _step(self) -> None:
         if self.is_server:

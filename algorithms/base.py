@@ -6,6 +6,63 @@ rank 0's values are broadcast so that all ranks start equal. A step then communi
 message whatever the number of parameters, executing the plan its :class:`gossip.plan.schedule.Schedule`
 gives for that step. Subclasses implement :meth:`_step` with the arithmetic of their equation on
 the flat tensors, one group segment at a time.
+
+After a rank failure (fault-tolerant mode), :func:`gossip.recover` calls every optimizer's
+:meth:`DecentralizedOptimizer.after_recovery` (registered at construction with
+:func:`gossip.on_recover`) on the survivors, collectively: the communication in flight is dropped,
+the schedule rebuilt for the new number of ranks (:meth:`gossip.plan.schedule.Schedule.resized`: the
+rebuilt static topology, the time-varying family on the new size, ...), the step count becomes the
+survivors' largest (they may have completed different numbers of steps), and each algorithm adapts
+its state:
+
+=========================  ==========================================================================
+algorithm                  on recovery
+=========================  ==========================================================================
+dsgd, dsgd-awc, dmsgd,     continues: each rank keeps its model and momentum (any state is a valid
+decentlam, awc-dmsgd,      iterate; the next steps mix on the survivors' W)
+da-dmsgd, qg-dmsgd
+local-sgd                  continues: each rank keeps its model and momentum; the next average is
+                           over the survivors
+d2                         restarts from the current models (``reset_state``: the next step takes
+                           the first-step form, x = W(x − γd)); the rebuilt static topology must
+                           still meet λ_min(W) > −1/3, or the next step raises
+gradient-tracking          restarts the trackers (y = g at the next step): the dead ranks took their
+                           share of Σ_i y_i, and Σ_i y_i = Σ_i g_i holds again from there
+sgp                        push-sum restarts from each rank's de-biased z_i = x_i / w_i with mass 1,
+                           so the masses sum to the new size; momentum kept
+pmsgd, cr-psgd             the most advanced survivor's model and momentum on every rank (an
+                           allreduce may have completed on some survivors only)
+cr-psgd-catalyst           the most advanced survivor's model and proximal centre on every rank; the
+                           batch sizes (and rounds) fixed at construction go on
+slowmo, bmuf, mavg         the base adapts as above; the outer start point and momentum of the
+                           survivor that ended the most rounds on every rank, and a survivor that
+                           missed that round's end starts the next round from it; a round that no
+                           survivor ended ends in the recovery (the survivors' exact average and the
+                           outer step); BMUF's default η = 1 − 1/n keeps the old n
+diloco, streaming-diloco   averages in flight dropped (the fragment keeps its local values); with the
+                           exact average the most advanced survivor's start point and outer state
+                           on every rank; each rank keeps its inner state and parameters
+choco-sgd                  continues: each rank keeps its model and momentum; the public copies
+                           (x̂, s, and the per-edge copies) restart from zero on every survivor
+adpsgd                     cannot continue: the recovery freed its window; the next step raises
+                           :class:`gossip.GossipError`; ``finish(average=True)`` still averages
+asgd, asgdm, ormo, ormo-da a dead worker needs no recovery (the server goes on without it); after
+                           a recovery the optimizer does not step: it closed the parameter server
+=========================  ==========================================================================
+
+Where a schedule cannot be rebuilt (:class:`topologies.OnePeer` over a given graph,
+:class:`topologies.GraphSequence`, a static graph given to the optimizer itself), the optimizer's
+:attr:`DecentralizedOptimizer.unusable` says why and its next step raises :class:`gossip.GossipError`.
+
+A step interrupted by :class:`gossip.RankFailure` raises it without counting the step. What it
+applied before the communication that failed stays, what it was to receive does not: the rank took a
+local step (W = I for it), which the equations above continue from. The adapt-then-combine forms
+(dsgd, dmsgd, da-dmsgd, local-sgd) keep their local update; those that communicate before updating
+(dsgd-awc, awc-dmsgd, decentlam, qg-dmsgd, pmsgd, cr-psgd, cr-psgd-catalyst) applied nothing, and the
+step's gradient is lost (unless the AWC forms failed when starting the next step's gossip, after their
+update); sgp's numerator keeps its gradient step, which the restart's z includes; d2
+and gradient tracking restart anyway. An outer loop's round end communicates before it changes
+anything, so an interrupted one leaves the outer state as it was.
 """
 
 from __future__ import annotations
@@ -124,6 +181,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._decayed: torch.Tensor | None = None  # g + wd x, when some group has weight decay
         self._pending = None  # adapt-while-combine: the gossip of x^{k+1} in flight between steps
         self.fresh = True  # the next step is the recursion's first (set again by reset_state)
+        self.unusable: str | None = None  # why the optimizer cannot step after a recovery (None: it can)
+        self._stop_listening = gossip.on_recover(self.after_recovery)  # held weakly by the runtime
 
     # --- what subclasses use ------------------------------------------------------------------
 
@@ -210,7 +269,58 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def close(self) -> None:
         """Finish the communication in flight and free what the optimizer owns (collective for those
         that own MPI resources: call it on every rank). Idempotent; the optimizer does not step after it."""
+        self._stop_listening()
         self.synchronize()
+
+    # --- after a rank failure ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def after_recovery(self, record: gossip.Recovery) -> None:
+        """Continue on the survivors of a rank failure: :func:`gossip.recover` calls this on every
+        survivor (registered at construction; collective over the survivors, in the order the
+        optimizers were built). The communication in flight is dropped, the schedule rebuilt for
+        the new number of ranks (:meth:`gossip.plan.schedule.Schedule.resized`), the step count
+        agreed (the survivors' largest, so that every schedule indexed by step agrees), and the
+        algorithm's own state adapted (:meth:`_recover_state`; the module docstring's table). A
+        schedule that cannot be rebuilt makes :attr:`unusable` say why, and the next step raises
+        :class:`gossip.GossipError` with it.
+        """
+        self._forget_in_flight()
+        try:
+            self.schedule = self.schedule.resized()
+        except ValueError as error:
+            self.unusable = (f"{type(self).__name__} cannot continue on the {record.new_size} ranks left after "
+                             f"gossip.recover(): {error}")
+        self._recover_state(self._agree_on_step())
+
+    def _forget_in_flight(self) -> None:
+        """Drop the communication in flight (its handle would raise :class:`gossip.RankFailure`) and
+        take fresh receive buffers: a request of the failed job may still write into the old ones."""
+        self._pending = None
+        self._received = torch.empty_like(self.x)
+        self._joined = self._joined_received = None
+
+    def _agree_on_step(self) -> int:
+        """Collective: every survivor takes the largest step count among them, and ``fresh`` only if
+        all are fresh; returns the lowest rank that had that step count (the most advanced)."""
+        mine = torch.tensor([[self.step_count, int(self.fresh)]], dtype=torch.int64)
+        everyone = gossip.allgather(mine)
+        steps = everyone[:, 0]
+        self.step_count = int(steps.max())
+        self.fresh = bool(everyone[:, 1].min())
+        return int((steps == self.step_count).nonzero()[0, 0])
+
+    def _recover_state(self, leader: int) -> None:
+        """Adapt the algorithm's state to the survivors (collective); ``leader`` is the most advanced
+        survivor (:meth:`_agree_on_step`). By default every rank keeps its own state (parameters,
+        momentum): what each of them holds is a valid iterate of the algorithm on the survivors."""
+
+    def _adopt(self, leader: int, *tensors: torch.Tensor) -> None:
+        """Collective: ``leader``'s values of ``tensors`` (flat, the parameters' size) on every rank, in one message."""
+        message, _ = self.pack(*tensors)
+        agreed = gossip.broadcast(message, root=leader)
+        for tensor, value in zip(tensors, agreed.split([t.numel() for t in tensors]), strict=True):
+            tensor.copy_(value)
 
     # --- what outer loops (SlowMo, BMUF) use ---------------------------------------------------
 
@@ -232,7 +342,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One iteration of the algorithm (see the subclass's equation); returns the closure's loss."""
+        """One iteration of the algorithm (see the subclass's equation); returns the closure's loss.
+
+        A step interrupted by :class:`gossip.RankFailure` raises it without counting the step; what
+        it left (module docstring) is a valid state to continue from after :func:`gossip.recover`.
+        """
+        if self.unusable is not None:
+            raise gossip.GossipError(f"rank {gossip.rank()}: {self.unusable}")
         loss = None
         if closure is not None:
             with torch.enable_grad():

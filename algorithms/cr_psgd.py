@@ -118,3 +118,7 @@ class CRPSGDCatalyst(GrowingBatches, DecentralizedOptimizer):
             self.x[s].add_(self._direction[s], alpha=-group["lr"])
         if (self.step_count + 1) % self.inner_steps == 0:  # the round's budget is spent: y^{(k)} = x
             anchor.copy_(self.x)
+
+    def _recover_state(self, leader: int) -> None:
+        """Every rank must hold the same model and proximal centre: the most advanced survivor's."""
+        self._adopt(leader, self.x, self.buffers["anchor"])

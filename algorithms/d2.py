@@ -19,6 +19,7 @@ import torch
 import gossip
 import topologies
 from algorithms.base import DecentralizedOptimizer, check_rates
+from gossip.plan.schedule import PeriodicGlobalAverage, Schedule, StaticSchedule
 
 LAMBDA_MIN_BOUND = -1.0 / 3.0
 
@@ -55,6 +56,8 @@ class D2(DecentralizedOptimizer):
             raise ValueError("D² needs a static topology (its analysis assumes one fixed W); got a time-varying one")
         if topology is None or isinstance(topology, nx.DiGraph):
             check_mixing(topology if topology is not None else gossip.topology())
+        elif callable(topology) and not isinstance(topology, Schedule):  # a builder n -> graph
+            check_mixing(topology(gossip.size()))
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
                          topology=topology, global_avg_every=global_avg_every)
         self._combined = torch.empty_like(self.x)
@@ -73,3 +76,16 @@ class D2(DecentralizedOptimizer):
             b["previous_direction"][s].copy_(d)
         b["previous_x"].copy_(self.x)
         self.x.copy_(self.communicate(self._combined))
+
+    def _recover_state(self, leader: int) -> None:
+        """Restart from the current parameters (:meth:`reset_state`): the previous iterate and
+        direction belong to the old W, so the next step takes the first-step form. The rebuilt
+        static topology must meet D²'s condition too."""
+        self.reset_state()
+        base = self.schedule.base if isinstance(self.schedule, PeriodicGlobalAverage) else self.schedule
+        if isinstance(base, StaticSchedule) and self.unusable is None:
+            try:
+                check_mixing(gossip.topology())
+            except ValueError as error:
+                self.unusable = (f"D2 cannot continue on the topology gossip.recover() rebuilt for {gossip.size()} "
+                                 f"ranks: {error}")

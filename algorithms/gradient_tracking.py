@@ -42,3 +42,9 @@ class GradientTracking(DecentralizedOptimizer):
         for group, s in self.groups():
             torch.add(mixed_x[s], y[s], alpha=-group["lr"], out=self.x[s])  # x^{k+1} = W x^k - γ y^k
         b["mixed_tracker"].copy_(mixed_y)
+
+    def _recover_state(self, leader: int) -> None:
+        """Restart the tracker (:meth:`reset_state`): the failed ranks took their share of Σ_i y_i with
+        them, so the survivors' trackers no longer sum to their gradients; the next step sets
+        y = g, which restores Σ_i y_i = Σ_i g_i."""
+        self.reset_state()

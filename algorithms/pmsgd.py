@@ -80,3 +80,8 @@ class PmSGD(DecentralizedOptimizer):
         m = self.buffers["momentum_buffer"]
         for group, s in self.groups():
             pmsgd_update(self.x[s], m[s], g_mean[s], group["lr"], group["momentum"], group["nesterov"])
+
+    def _recover_state(self, leader: int) -> None:
+        """Every rank must hold the same model and momentum: the most advanced survivor's (an allreduce
+        interrupted by the failure may have completed on some survivors only)."""
+        self._adopt(leader, self.x, *self.buffers.values())

@@ -6,7 +6,9 @@ constructor (:attr:`AlgorithmSpec.hyper_parameters`), so :func:`create`, the tra
 options and checks, and the README's table (:func:`markdown_table`) cannot drift from the code.
 
 Outer loops (kind ``"outer"``: SlowMo, BMUF) wrap a base optimizer *instance*;
-``create("slowmo", params, base="dsgd", **hyper)`` builds the base here and hands it over.
+``create("slowmo", params, base="dsgd", **hyper)`` builds the base here and hands it over. DiLoCo
+(kind ``"outer-optimizer"``) builds its own inner and outer ``torch.optim`` optimizers from
+``inner=`` and ``outer=`` (names or classes) and averages on ``topology`` (None: exactly).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any
 from algorithms.adpsgd import AsynchronousGossipSGD
 from algorithms.async_sgd import AsynchronousSGD
 from algorithms.awc_dmsgd import AWCDmSGD
+from algorithms.choco_sgd import ChocoSGD
 from algorithms.cr_psgd import CRPSGD, CRPSGDCatalyst
 from algorithms.d2 import D2
 from algorithms.da_dmsgd import DADmSGD
 from algorithms.decentlam import DecentLaM
+from algorithms.diloco import DiLoCo, StreamingDiLoCo
 from algorithms.dmsgd import DmSGD
 from algorithms.dsgd import DSGD
 from algorithms.gradient_tracking import GradientTracking
@@ -39,6 +43,8 @@ KINDS = {
     "growing-batch": "an allreduce every step, with batches growing within a sample budget",
     "server": "a parameter server: workers exchange gradients for models, never waiting for each other",
     "asynchronous-gossip": "one-sided pushes to neighbours, never waiting",
+    "outer-optimizer": "any torch.optim optimizer for local steps; every few steps an outer optimizer steps on the "
+                       "averaged pseudo-gradient (an exact average, or gossip on a topology)",
 }
 REQUIRED = inspect.Parameter.empty  # the default of a hyper-parameter that has none (lr, budget)
 DEFAULT_BASE = "local-sgd"  # what an outer loop runs between its averages unless told otherwise
@@ -129,6 +135,9 @@ _SPECS = (
                   "average gradient", "Nedić, Olshevsky, Shi, 2017, SIAM J. Optim.", "gossip"),
     AlgorithmSpec("sgp", SGP, "stochastic gradient push: push-sum gossip SGD for directed graphs",
                   "Assran, Loizou, Ballas, Rabbat, 2019, ICML", "gossip"),
+    AlgorithmSpec("choco-sgd", ChocoSGD, "CHOCO-SGD: compressed gossip; neighbours exchange compressed "
+                  "differences against public copies of the models (error feedback)",
+                  "Koloskova, Stich, Jaggi, 2019, ICML", "gossip"),
     AlgorithmSpec("pmsgd", PmSGD, "parallel momentum SGD over an allreduce of gradients (what DDP does); "
                   "optional LARS", "the allreduce baseline; LARS: You, Gitman, Ginsburg, 2017, arXiv:1708.03888",
                   "global"),
@@ -140,6 +149,13 @@ _SPECS = (
                   "Wang, Tantia, Ballas, Rabbat, 2020, ICLR", "outer"),
     AlgorithmSpec("bmuf", BMUF, "blockwise model-update filtering: block momentum on the exact average",
                   "Chen, Huo, 2016, ICASSP", "outer"),
+    AlgorithmSpec("diloco", DiLoCo, "DiLoCo: inner AdamW (any torch.optim) steps, an outer Nesterov step on the "
+                  "averaged pseudo-gradient every period steps", "Douillard, Feng, Rusu, Chhaparia, Donchev, Kuncoro, "
+                  "Ranzato, Szlam, Shen, 2023, arXiv:2311.08105", "outer-optimizer"),
+    AlgorithmSpec("streaming-diloco", StreamingDiLoCo, "streaming DiLoCo: fragments synced at staggered steps, "
+                  "each average overlapped with delay inner steps and mixed into the local fragment",
+                  "Douillard, Donchev, Rush, Kale, Charles, Garrett et al., 2025, arXiv:2501.18512",
+                  "outer-optimizer"),
     AlgorithmSpec("cr-psgd", CRPSGD, "parallel SGD with exponentially growing batches",
                   "Yu, Jin, 2019, ICML", "growing-batch"),
     AlgorithmSpec("cr-psgd-catalyst", CRPSGDCatalyst, "CR-PSGD in proximal rounds (general non-convex)",

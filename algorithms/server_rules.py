@@ -24,6 +24,11 @@ index the gradient was computed at; they record the staleness ``t − ite`` of e
   Woodworth (NeurIPS 2022) for ASGD (full step while the staleness is at most the number of
   workers, as it is on average, shrinking as 1/τ beyond); the OrMo paper's own OrMo-DA schedule
   may differ from it.
+
+When a worker dies (fault-tolerant mode, :mod:`gossip.ops.parameter_server`), the server calls
+``rule.set_workers(K')`` with the number of live workers. OrMo then groups the iteration indices
+after the end of the current group by the new K' (the earlier ones keep their groups), so that a
+group still holds about one gradient per live worker; OrMo-DA's step uses K' too.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class ServerRule:
 
     def _update(self, w: torch.Tensor, g: torch.Tensor, ite: int) -> None:
         raise NotImplementedError
+
+    def set_workers(self, workers: int) -> None:
+        """The number of live workers changed (a worker died); ASGD and naive ASGDm do not use it."""
 
     def state_dict(self) -> dict:
         return {"t": self.t, "staleness": list(self.staleness)}
@@ -97,15 +105,32 @@ class OrMo(ServerRule):
 
     def __init__(self, lr: float, momentum: float = 0.9, workers: int = 1) -> None:
         super().__init__(lr, momentum)
-        if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers (K) must be an int >= 1, got {workers!r}")
+        _check_workers(workers)
         self.workers = workers
         self.latest_group = 0  # I
         self.u: torch.Tensor | None = None
+        # (b, g_b, K): for iteration indices ite > b, group(ite) = g_b + ⌈(ite − b)/K⌉; one piece per
+        # value K has had (the first covers every index, ite = 0 included)
+        self.pieces: list[tuple[int, int, int]] = [(0, 0, workers)]
 
     def group(self, ite: int) -> int:
-        """The gradient group of iteration index ``ite``: ⌈ite/K⌉."""
-        return -(-ite // self.workers)
+        """The gradient group of iteration index ``ite``: ⌈ite/K⌉ (with K changed by :meth:`set_workers`,
+        counted on from the boundary where it changed)."""
+        for start, first, width in reversed(self.pieces):
+            if ite > start or start == 0:
+                return first + -(-(ite - start) // width)
+        raise AssertionError("unreachable: the first piece covers every index")
+
+    def set_workers(self, workers: int) -> None:
+        """K becomes ``workers`` for the groups after the current one (module docstring)."""
+        _check_workers(workers)
+        start, first, width = self.pieces[-1]
+        if self.t <= start:  # still before the boundary set by the previous change: move no boundary
+            self.pieces[-1] = (start, first, workers)
+        else:  # the current group ends at its last index; new groups of K' indices follow
+            current = self.group(self.t)
+            self.pieces.append((start + (current - first) * width, current, workers))
+        self.workers = workers
 
     def step_size(self, ite: int) -> float:
         """η for the gradient of iteration ``ite`` (constant for OrMo)."""
@@ -127,13 +152,20 @@ class OrMo(ServerRule):
         w.sub_(g, alpha=caught_up * lr)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "latest_group": self.latest_group,
-                "u": None if self.u is None else self.u.clone()}
+        return {**super().state_dict(), "latest_group": self.latest_group, "workers": self.workers,
+                "pieces": list(self.pieces), "u": None if self.u is None else self.u.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.latest_group = int(state["latest_group"])
+        self.workers = int(state.get("workers", self.workers))
+        self.pieces = [tuple(int(v) for v in piece) for piece in state.get("pieces", [(0, 0, self.workers)])]
         self.u = None if state["u"] is None else state["u"].clone()
+
+
+def _check_workers(workers: int) -> None:
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers (K) must be an int >= 1, got {workers!r}")
 
 
 class OrMoDA(OrMo):

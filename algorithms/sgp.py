@@ -65,6 +65,14 @@ class SGP(DecentralizedOptimizer):
         self.buffers["numerator"].copy_(values)
         self._mass.fill_(1.0)
 
+    def _recover_state(self, leader: int) -> None:
+        """Push-sum restarts on the survivors from each rank's de-biased estimate: z = numerator / mass
+        (with the local gradient step of a step interrupted by the failure), numerator = z, mass 1, so
+        the masses sum to the new number of ranks. The momentum is kept."""
+        torch.div(self.buffers["numerator"], self._mass, out=self.x)
+        self.buffers["numerator"].copy_(self.x)
+        self._mass.fill_(1.0)
+
     def reset_state(self) -> None:
         """Zero the momentum; numerator = z, mass = 1."""
         super().reset_state()

@@ -95,6 +95,9 @@ class OuterMomentum(torch.optim.Optimizer):
         self.slow_start = x.detach().clone()  # x_{t,0} (SlowMo) or the global model w_t (BMUF)
         self.slow_momentum_buffer = torch.zeros_like(x)  # u_t (SlowMo) or Δ_t (BMUF)
         self._average = torch.empty_like(x)
+        self.rounds = 0  # rounds ended on this rank (the outer steps taken)
+        base._stop_listening()  # this loop adapts the base itself, first, after a recovery
+        self._stop_listening = gossip.on_recover(self.after_recovery)
 
     # --- the base's tensors and services, for training loops ------------------------------------
 
@@ -113,6 +116,11 @@ class OuterMomentum(torch.optim.Optimizer):
     @property
     def schedule(self):
         return self.base.schedule
+
+    @property
+    def unusable(self) -> str | None:
+        """Why the optimizer cannot step after a recovery (None: it can): the base's reason."""
+        return self.base.unusable
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none)
@@ -136,7 +144,35 @@ class OuterMomentum(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Finish the base's communication in flight and free what it owns. Idempotent."""
+        self._stop_listening()
         self.base.close()
+
+    @torch.no_grad()
+    def after_recovery(self, record: gossip.Recovery) -> None:
+        """Continue on the survivors of a rank failure (called by :func:`gossip.recover` on every
+        survivor; collective). The base adapts first (:meth:`DecentralizedOptimizer.after_recovery`:
+        its step count is then the survivors' largest). The outer state, which must be equal on
+        every rank, becomes that of the survivor that ended the most rounds (broadcast); a survivor
+        that missed the end of the last round (the failure struck during its exact average) starts
+        the next round from the agreed point, as the others did. If no survivor ended the round
+        that the agreed step count has finished, it ends now, on the survivors: their exact average
+        and the outer momentum step.
+        """
+        base = self.base
+        base.after_recovery(record)
+        self._average = torch.empty_like(base.x)  # a request of the failed job may still write into the old one
+        everyone = gossip.allgather(torch.tensor([self.rounds], dtype=torch.int64))
+        ended = int(everyone.max())
+        leader = int((everyone == ended).nonzero()[0, 0])
+        message, _ = base.pack(self.slow_start, self.slow_momentum_buffer)
+        start, momentum = gossip.broadcast(message, root=leader).split(base.x.numel())
+        self.slow_start.copy_(start)
+        self.slow_momentum_buffer.copy_(momentum)
+        if self.rounds < ended:
+            self._start_round()
+        self.rounds = ended
+        if ended < self.outer.averages_before(base.step_count):
+            self._end_round()
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -149,12 +185,17 @@ class OuterMomentum(torch.optim.Optimizer):
         return loss
 
     def _end_round(self) -> None:
+        """The exact average and the outer momentum step. Both averages come first, so that a rank
+        failure during them leaves the outer state as it was (the round not ended on this rank)."""
         base = self.base
         base.synchronize()
-        if self._models_equal:
-            average = base.x
-        else:
-            average = self.outer.plan(base.step_count - 1).start(base.x, self._average).wait()
+        plan = self.outer.plan(base.step_count - 1)
+        average = base.x if self._models_equal else plan.start(base.x, self._average).wait()
+        parts, means = [], []
+        if self.base_buffers == "average" and base.buffers:
+            parts = [base.buffers[name] for name in sorted(base.buffers)]
+            message, received = base.pack(*parts)
+            means = plan.start(message, received).wait().split([p.numel() for p in parts])
         start, u = self.slow_start, self.slow_momentum_buffer
         for group, s in base.groups():
             if self.lr_scaled:  # u ← β u + (x0 − x̄)/γ ; x0 ← x0 − α γ u
@@ -163,17 +204,19 @@ class OuterMomentum(torch.optim.Optimizer):
             else:  # Δ ← η Δ + ζ (x̄ − w) ; w ← w + Δ
                 u[s].mul_(self.slow_momentum).add_(average[s] - start[s], alpha=self.slow_lr)
                 start[s].add_(u[s])
-        if self.base_buffers == "average" and base.buffers:
-            names = sorted(base.buffers)
-            parts = [base.buffers[name] for name in names]
-            message, received = base.pack(*parts)
-            means = self.outer.plan(base.step_count - 1).start(message, received).wait()
-            for part, mean in zip(parts, means.split([p.numel() for p in parts]), strict=True):
-                part.copy_(mean)
+        for part, mean in zip(parts, means, strict=True):
+            part.copy_(mean)
+        self._start_round()
+        self.rounds += 1
+
+    def _start_round(self) -> None:
+        """Every rank restarts from the outer loop's point: x_{t+1,0} (or BMUF's Nesterov look-ahead)."""
+        base = self.base
         if self.block_nesterov:
-            base.set_parameters(torch.add(start, u, alpha=self.slow_momentum, out=self._average))
+            base.set_parameters(torch.add(self.slow_start, self.slow_momentum_buffer, alpha=self.slow_momentum,
+                                          out=self._average))
         else:
-            base.set_parameters(start)
+            base.set_parameters(self.slow_start)
         if self.base_buffers == "reset":
             base.reset_state()
 
@@ -192,6 +235,7 @@ class OuterMomentum(torch.optim.Optimizer):
             if saved.shape != tensor.shape:
                 raise ValueError(f"outer {name!r} has {saved.numel()} elements, the parameters {tensor.numel()}")
             tensor.copy_(saved)
+        self.rounds = self.outer.averages_before(self.base.step_count)
 
 
 class SlowMo(OuterMomentum):

@@ -29,6 +29,19 @@ from gossip import transport  # noqa: F401
 from gossip import ops, plan, tools  # noqa: F401 - the subpackages, as gossip.ops etc.
 from gossip.errors import GossipError, InputMismatchError, OpTimeoutError, RankFailure
 from gossip.ops.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters
+from gossip.ops.compressed import compressed_allreduce, compressed_neighbor_allreduce, compressed_neighbor_exchange
+from gossip.ops.compression import (
+    BFloat16,
+    Compressor,
+    Float16,
+    Identity,
+    Int4,
+    Int8,
+    RandomK,
+    SignNorm,
+    TopK,
+    compressor_by_name,
+)
 from gossip.ops.flat import FlatBuffer
 from gossip.ops.handles import Handle
 from gossip.ops.hierarchical import hierarchical_neighbor_allreduce
@@ -51,6 +64,7 @@ from gossip.runtime import (
     machine_size,
     out_neighbors,
     rank,
+    reset_traffic,
     reset_waited,
     set_check,
     set_op_timeout,
@@ -60,26 +74,38 @@ from gossip.runtime import (
     shutdown,
     size,
     topology,
+    traffic,
     uses_shared_memory,
     waited_seconds,
 )
 from gossip.settings import Settings
 from gossip.tools import checkpoint, metrics, timeline
+from gossip.transport import Traffic
 
 __all__ = [
+    "BFloat16",
+    "Compressor",
     "CostModel",
     "FlatBuffer",
+    "Float16",
     "GossipError",
     "Handle",
+    "Identity",
     "InputMismatchError",
+    "Int4",
+    "Int8",
     "LinkCost",
     "OpTimeoutError",
     "Plan",
+    "RandomK",
     "RankFailure",
     "Recovery",
     "Schedule",
     "Scheduler",
     "Settings",
+    "SignNorm",
+    "TopK",
+    "Traffic",
     "Window",
     "allgather",
     "allreduce",
@@ -87,6 +113,10 @@ __all__ = [
     "broadcast",
     "broadcast_parameters",
     "checkpoint",
+    "compressed_allreduce",
+    "compressed_neighbor_allreduce",
+    "compressed_neighbor_exchange",
+    "compressor_by_name",
     "cuda_aware",
     "hierarchical_neighbor_allreduce",
     "in_neighbors",
@@ -107,6 +137,7 @@ __all__ = [
     "probe",
     "rank",
     "recover",
+    "reset_traffic",
     "reset_waited",
     "set_check",
     "set_op_timeout",
@@ -117,6 +148,7 @@ __all__ = [
     "size",
     "timeline",
     "topology",
+    "traffic",
     "uses_shared_memory",
     "waited_seconds",
 ]

@@ -5,9 +5,9 @@ resources the runtime owns.
 :func:`current`. It holds a private duplicate of the user's communicator, so gossip traffic never
 matches a user's own messages. The runtime owns everything with an MPI lifetime: its
 communicators, the static topology's graph communicator, node shared memory, the buffer pool,
-the watchdog, the record of ops in flight, the progress thread, the trace recorder, the open
-windows and other resources registered with :meth:`Runtime.own` (parameter servers);
-:func:`shutdown` frees them in the reverse order of their creation.
+the watchdog, the record of ops in flight, the progress thread, the trace recorder, the traffic
+counter (:func:`traffic`), the open windows and other resources registered with :meth:`Runtime.own`
+(parameter servers); :func:`shutdown` frees them in the reverse order of their creation.
 
 In fault-tolerant mode (the ``fault_tolerant`` setting, under ``gossiprun --fault-tolerant``) the
 runtime's communicators return errors instead of aborting (``MPI_ERRORS_RETURN``), a
@@ -41,6 +41,7 @@ from gossip.transport._in_flight import InFlight
 from gossip.transport._progress import ProgressThread
 from gossip.transport._shared_memory import NodeMemory
 from gossip.transport._trace import Recorder
+from gossip.transport._traffic import Traffic, TrafficCounter
 from gossip.transport._waiting import Watchdog
 from topologies import exponential_two
 
@@ -59,12 +60,17 @@ class Layout:
     ranks_per_machine: int
     local_size: int
     gpus_per_machine: int
+    machine_sizes: tuple[int, ...] = ()  # the ranks on each machine, by machine index (unequal after a failure)
 
 
-def _discover_layout(comm: MPI.Comm, local: MPI.Comm, machines: int) -> Layout:
+def _discover_layout(comm: MPI.Comm, local: MPI.Comm, machines: int, machine_rank: int) -> Layout:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    every = comm.allgather((local.size, gpus))
-    return Layout(comm.size, machines, max(k for k, _ in every), local.size, max(g for _, g in every))
+    every = comm.allgather((local.size, gpus, machine_rank))
+    sizes = [0] * machines
+    for k, _, machine in every:
+        sizes[machine] = k
+    return Layout(comm.size, machines, max(k for k, _, _ in every), local.size, max(g for _, g, _ in every),
+                  tuple(sizes))
 
 
 @dataclass
@@ -94,6 +100,7 @@ class Runtime:
     topology_builder: Callable[[int], nx.DiGraph] | None = exponential_two
     failures: FailureDetector | None = None  # fault-tolerant mode's failure detector, else None
     recover_hooks: list = field(default_factory=list)  # gossip.on_recover callbacks (or weak methods)
+    traffic: TrafficCounter = field(default_factory=TrafficCounter)  # every op's bytes and messages (kept on recover)
 
     @property
     def rank(self) -> int:
@@ -245,7 +252,7 @@ def bind(comm: MPI.Comm, settings: Settings, origin: int, graph: nx.DiGraph, wat
     local, leaders, machine_rank, machine_size = _split_machines(comm, settings.ranks_per_machine, origin)
     node_memory = NodeMemory(comm, watchdog, enabled=settings.shared_memory and not settings.fault_tolerant)
     return Bound(local, leaders, machine_rank, machine_size, node_memory, build_static_topology(comm, graph),
-                 _discover_layout(comm, local, machine_size))
+                 _discover_layout(comm, local, machine_size, machine_rank))
 
 
 def _require_ulfm() -> None:
@@ -466,6 +473,23 @@ def waited_seconds() -> float:
 def reset_waited() -> None:
     """Start counting :func:`waited_seconds` from zero."""
     current().watchdog.waited = 0.0
+
+
+def traffic() -> Traffic:
+    """This rank's bytes and messages put on the wire by gossip's ops since :func:`init` (or
+    :func:`reset_traffic`), in total and per op (:class:`gossip.transport.Traffic`).
+
+    Point-to-point and neighbour messages are counted exactly, as handed to MPI (message bytes times
+    destinations); collectives by the bandwidth-optimal algorithm's count per rank (allreduce: a
+    ring's 2(n − 1)/n times the bytes), since MPI picks its own algorithm; control messages (the
+    cross-rank check) are not counted. :mod:`gossip.transport._traffic` lists every op's closed form.
+    """
+    return current().traffic.snapshot()
+
+
+def reset_traffic() -> None:
+    """Start counting :func:`traffic` from zero on this rank."""
+    current().traffic.reset()
 
 
 def set_check(enabled: bool) -> None:

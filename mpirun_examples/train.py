@@ -14,7 +14,8 @@ them with their defaults. Checkpoints (``--checkpoint-dir``) are rank-consistent
 ``--resume`` the run continues bitwise as if it had never stopped, or, on another number of ranks,
 from the averaged model (``train_checkpoints.py``). SIGTERM or SIGUSR1 (Slurm's warning before
 the time limit) makes every rank stop after the same step, write a checkpoint and exit with
-status 3. ``--timeline trace.json``
+status 3. With ``--elastic`` (under ``gossiprun --fault-tolerant``) a dead rank does not end the run:
+the survivors recover, re-split the data and train on (``train_elastic.py``). ``--timeline trace.json``
 writes a Chrome/Perfetto trace per rank. A stuck communication op fails the job after
 ``--op-timeout`` seconds; a NaN/Inf loss or parameter stops it, naming the step. Your own data:
 ``--dataset mypackage.mymodule:load`` where ``load()`` returns ``gossip.tools.data.Split``.
@@ -24,108 +25,128 @@ Parameter-server training (asgd, asgdm, ormo, ormo-da) is ``train_server.py``.
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 
 import torch
-import torch.nn.functional as F
 from train_checkpoints import STOPPED, Checkpoints, Position, StopSignal
+from train_elastic import Elastic, end_without_elastic
 from train_settings import device_of, parse_args, plural, say, step_delay, takes_topology
-from train_support import Log, Progress, accuracy, epoch_steps, load_dataset, make_model, make_optimizer
+from train_support import (
+    Log,
+    Progress,
+    evaluate,
+    load_dataset,
+    loss_of,
+    make_model,
+    make_optimizer,
+    plan_run,
+    samples_per_epoch,
+)
 
 import algorithms
 import gossip
 from gossip.tools import metrics, timeline
-from gossip.tools.data import BatchStream, partition
 
 
 def main() -> int:
     args = parse_args()  # command line over --config over defaults; a bad setting: one line, exit status 2
-    gossip.init(op_timeout=args.op_timeout, timeline=args.timeline)  # ranks from mpirun / mpiexec / srun
-    n, rank = gossip.size(), gossip.rank()
+    gossip.init(op_timeout=args.op_timeout, timeline=args.timeline,  # ranks from mpirun / mpiexec / srun
+                **({"fault_tolerant": True} if args.elastic else {}))
     device = device_of(args)
 
     data = load_dataset(args)
-    shard = partition(data.y_train, n, args.alpha, seed=args.seed)[rank]  # this rank's part of the data
-    stream = BatchStream(data.x_train[shard].to(device), data.y_train[shard].to(device), args.batch_size,
-                         seed=args.seed * 100_003 + rank)
-    steps_per_epoch = math.ceil(len(data.x_train) / (n * args.batch_size))  # the same on every rank
     torch.manual_seed(args.seed)
     model = make_model(args, data).to(device)
-    optimizer = make_optimizer(args, model, data, device, steps_per_epoch * args.batch_size)  # rank 0's model to all
-    # Per-step batch sizes: fixed, or CR-PSGD's growing ones within the same per-rank sample budget.
-    growing = algorithms.spec(args.algorithm).kind == "growing-batch"
-    batch_sizes = optimizer.batch_sizes if growing else [args.batch_size] * (steps_per_epoch * args.epochs)
-    epochs = epoch_steps(batch_sizes, steps_per_epoch * args.batch_size, args.epochs)
+    optimizer = make_optimizer(args, model, data, device, samples_per_epoch(args, data, gossip.size()))  # rank 0's
+    plan = functools.partial(plan_run, args, data, device, optimizer)  # a rank's data and steps on n ranks
+    run = plan(gossip.size(), gossip.rank())  # this rank's shard and batch stream, the steps of each epoch
 
     # SIGTERM/SIGUSR1 from here on: a checkpoint at a step all ranks agree on (every 10 steps; asynchronous
     # gossip, whose ranks do not wait for each other within an epoch: at the end of each epoch)
-    stop = StopSignal(steps_per_epoch if algorithms.spec(args.algorithm).kind == "asynchronous-gossip" else 10)
-    checkpoints = Checkpoints(args, model, optimizer, stream, batch_sizes, epochs)
+    asynchronous = algorithms.spec(args.algorithm).kind == "asynchronous-gossip"
+    stop = StopSignal(len(run.epochs[0]) if asynchronous else 10)
+    checkpoints = Checkpoints(args, model, optimizer, run.stream, run.batch_sizes, run.epochs)
     at, records = Position(), []  # where training starts: the beginning, unless --resume finds a checkpoint
     if args.resume:  # on the same number of ranks bitwise; on another from the averaged model
         at, records, how = checkpoints.resume()
         say(how)
     log = Log(args.log_dir, vars(args), records)
-    batches = (f"{args.batch_size} per rank per step" if len(set(batch_sizes)) == 1 else
-               f"batches growing {batch_sizes[0]} -> {max(batch_sizes)} per rank")
+    elastic = Elastic(args, data, plan) if args.elastic or args.inject_failure else None
+    batches = (f"{args.batch_size} per rank per step" if not run.growing else
+               f"batches growing {run.batch_sizes[0]} -> {max(run.batch_sizes)} per rank")
     where = f" on {args.topology}" if takes_topology(args) else ""
-    say(f"{args.algorithm}{where}, {plural(n, 'rank')}, {args.dataset}: {len(data.x_train)} training samples, "
-        f"{batches}, {len(batch_sizes)} steps, {optimizer.x.numel():,} parameters\n"
+    say(f"{args.algorithm}{where}, {plural(gossip.size(), 'rank')}, {args.dataset}: {len(data.x_train)} training "
+        f"samples, {batches}, {len(run.batch_sizes)} steps, {optimizer.x.numel():,} parameters\n"
         f"communication: {optimizer.describe()}")
     if at.epoch >= args.epochs:
         say(f"the run in {args.checkpoint_dir} has finished its {at.epoch} epochs: nothing to train "
             "(a larger --epochs continues it)")
-    progress, delay = Progress(args.progress), step_delay(args, rank)
+    progress = Progress(args.progress)
 
-    for epoch in range(at.epoch, args.epochs):
-        steps, began = epochs[epoch], time.perf_counter()
-        todo = range(max(steps.start, at.step), steps.stop)  # the whole epoch, unless resumed within it
-        loss_sum = at.loss_sum if epoch == at.epoch and at.loss_sum is not None else torch.zeros((), device=device)
+    while at.epoch < args.epochs and not stop.stopped:  # one epoch a turn; after a failure (--elastic) the rest
+        n, rank, epoch, steps = gossip.size(), gossip.rank(), at.epoch, run.epochs[at.epoch]
+        delay, began, first = step_delay(args, rank), time.perf_counter(), max(steps.start, at.step)
+        at.loss_sum = at.loss_sum if at.loss_sum is not None else torch.zeros((), device=device)
         gossip.reset_waited()
-        for step in todo:
-            stream.batch_size = batch_sizes[step]
-            x, y = stream.next()
-            optimizer.zero_grad()
-            with timeline.span("forward"):
-                loss = F.cross_entropy(model(x), y)
-            with timeline.span("backward"):
-                loss.backward()
-            with timeline.span("optimizer step"):
-                optimizer.step()  # the local update and this step's communication
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"rank {rank}: the loss is {loss.item()} at epoch {epoch + 1}, step "
-                                         f"{step - steps.start + 1}: training diverged (lower --lr?)")
-            loss_sum += loss.detach()
-            if delay:
-                time.sleep(delay)  # --slow-ranks
-            progress.update(epoch, args.epochs, step - steps.start + 1, len(steps), loss)
-            if stop.agreed(step + 1):  # SIGTERM/SIGUSR1 on some rank: every rank stops after this same step
+        try:
+            for step in range(first, steps.stop):  # the whole epoch, unless resumed (or recovered) within it
+                if elastic:
+                    elastic.maybe_fail(at.taken)  # --inject-failure: this rank dies here
+                run.stream.batch_size = run.batch_sizes[step]
+                x, y = run.stream.next()
+                optimizer.zero_grad()
+                with timeline.span("forward"):
+                    loss = loss_of(model, x, y)
+                with timeline.span("backward"):
+                    loss.backward()
+                with timeline.span("optimizer step"):
+                    optimizer.step()  # the local update and this step's communication
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"rank {rank}: the loss is {loss.item()} at epoch {epoch + 1}, step "
+                                             f"{step - steps.start + 1}: training diverged (lower --lr?)")
+                at.loss_sum += loss.detach()
+                at.step, at.taken = step + 1, at.taken + 1
+                if delay:
+                    time.sleep(delay)  # --slow-ranks
+                progress.update(epoch, args.epochs, step - steps.start + 1, len(steps), loss)
+                if stop.agreed(step + 1):  # SIGTERM/SIGUSR1 on some rank: every rank stops after this same step
+                    break
+            progress.clear()
+            if stop.stopped:
+                optimizer.synchronize()
+                saved = checkpoints.save(epoch, at.step, at.loss_sum, log.records) if args.checkpoint_dir else None
+                say(f"stopped by {stop.name} after step {at.step - steps.start} of epoch {epoch + 1}: " +
+                    (f"checkpoint {saved}; --resume continues" if saved else "no --checkpoint-dir, nothing saved"))
                 break
-        progress.clear()
-        if stop.stopped:
-            optimizer.synchronize()
-            saved = checkpoints.save(epoch, step + 1, loss_sum, log.records) if args.checkpoint_dir else None
-            say(f"stopped by {stop.name} after step {step + 1 - steps.start} of epoch {epoch + 1}: " +
-                (f"checkpoint {saved}; --resume continues" if saved else "no --checkpoint-dir, nothing saved"))
-            break
-        seconds, waited = time.perf_counter() - began, gossip.waited_seconds()
-        if not torch.isfinite(optimizer.x).all():
-            raise FloatingPointError(f"rank {rank}: NaN/Inf in the parameters after epoch {epoch + 1}")
-        optimizer.synchronize()  # finish communication in flight before measuring the models
-        if steps:  # with growing batches (cr-psgd) an epoch may hold no step of its own: nothing to log
-            own, averaged, distance = metrics.evaluate_averaged(
-                optimizer.x, lambda: accuracy(model, data.x_test.to(device), data.y_test.to(device)))
-            log.add(epoch=epoch + 1, train_loss=metrics.mean_over_ranks(loss_sum.item() / len(steps)),
-                    test_accuracy_averaged=averaged, test_accuracy_rank0=own, consensus_distance=distance,
-                    samples_per_second=n * sum(batch_sizes[t] for t in todo) / seconds,
-                    communication_share=metrics.mean_over_ranks(waited / seconds), steps=steps.stop)
-        if args.checkpoint_dir and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
-            checkpoints.save(epoch + 1, steps.stop, torch.zeros(()), log.records)
+            seconds, waited = time.perf_counter() - began, gossip.waited_seconds()
+            if not torch.isfinite(optimizer.x).all():
+                raise FloatingPointError(f"rank {rank}: NaN/Inf in the parameters after epoch {epoch + 1}")
+            optimizer.synchronize()  # finish communication in flight before measuring the models
+            if steps:  # with growing batches (cr-psgd) an epoch may hold no step of its own: nothing to log
+                own, averaged, distance = metrics.evaluate_averaged(optimizer.x, lambda: evaluate(model, data, device))
+                measure = "validation_loss" if args.model == "char-transformer" else "test_accuracy"
+                log.add(epoch=epoch + 1, train_loss=metrics.mean_over_ranks(at.loss_sum.item() / len(steps)),
+                        **{f"{measure}_averaged": averaged, f"{measure}_rank0": own}, consensus_distance=distance,
+                        samples_per_second=n * sum(run.batch_sizes[first:steps.stop]) / seconds,
+                        communication_share=metrics.mean_over_ranks(waited / seconds), steps=at.taken)
+            if args.checkpoint_dir and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
+                checkpoints.save(epoch + 1, steps.stop, torch.zeros(()), log.records)
+            at = Position(epoch + 1, steps.stop, None, at.taken)
+        except gossip.RankFailure as failure:  # only under gossiprun --fault-tolerant
+            progress.clear()
+            if not args.elastic:  # a fault-tolerant job without --elastic: one line, exit status 4
+                return end_without_elastic(failure, at.taken)
+            at, run = elastic.carry_on(failure, at, run)  # the survivors recover and plan the rest
+            checkpoints.moved(run, at)
+            log.failures = elastic.failures
 
     optimizer.close()  # e.g. adpsgd frees its window
     log.finish(timeline.stop())
-    gossip.shutdown()
+    try:
+        gossip.shutdown()
+    except gossip.RankFailure:  # a rank died after the last epoch: the run is complete all the same
+        pass
     return STOPPED if stop.stopped else 0
 
 

@@ -46,7 +46,8 @@ STOPPED = 3  # train.py's exit status after a signal: the checkpoint is written,
 # --topology may change with the number of ranks (another graph may be needed on M ranks).
 RUN_SETTINGS = ("algorithm", "base", "topology", "lr", "momentum", "weight_decay", "batch_size", "global_avg_every",
                 "period", "slow_lr", "slow_momentum", "warmup_steps", "batch_growth", "seed", "dataset", "alpha",
-                "samples", "features", "model", "hidden")
+                "samples", "features", "model", "hidden", "inner", "outer_lr", "outer_momentum", "nesterov",
+                "fragments", "sync_delay", "mix", "compressor", "consensus_step", "context")
 AVERAGED, RESTARTED, PUSH_SUM = "averaged", "restarted", "push-sum"
 # How each optimizer buffer (``buffer_names`` in algorithms/) is combined from N ranks onto M:
 COMBINE = {
@@ -64,6 +65,12 @@ COMBINE = {
     # SGP (Assran et al., ICML 2019): numerators and masses; the model becomes the push-sum average
     # Σ x_i / Σ w_i, push-sum restarts from it with mass 1 on every rank (the masses sum to M)
     "numerator": PUSH_SUM,
+    # DiLoCo (Douillard et al., 2023): the outer loop's start point θ, equal on every rank with the exact
+    # average (gossiped: each rank's own, averaged as the models are); averages in flight are dropped
+    "start": AVERAGED,
+    # CHOCO-SGD (Koloskova, Stich, Jaggi, ICML 2019): the public copies x̂ and their mix s; restarted from
+    # zero, as after a recovery (a copy must be the same on every rank that holds it)
+    "x_hat": RESTARTED, "s": RESTARTED,
 }
 # SlowMo, BMUF, MAVG: the outer loop's start point and momentum are equal on every rank; averaged.
 
@@ -89,9 +96,19 @@ class Checkpoints:
         self.batch_sizes, self.epochs = batch_sizes, epochs
         self.device = optimizer.x.device
         self.offset = 0  # steps taken since the run began, minus the schedule's step (they differ after a resize)
+        self.redone = False  # after a failure (--elastic): the checkpoint about to be written may exist already
+
+    def moved(self, run, at: Position) -> None:
+        """After a failure (--elastic): the run goes on as ``run`` (stream, batch sizes, epochs) from ``at``."""
+        self.stream, self.batch_sizes, self.epochs = run.stream, run.batch_sizes, run.epochs
+        self.offset, self.redone = at.taken - at.step, True
 
     def save(self, epoch: int, step: int, loss_sum: torch.Tensor, records: list[dict]):
         """Collective: the checkpoint of every rank before ``step`` of ``epoch``; returns its directory."""
+        if self.redone:  # the survivors of a failure during a save: it may have been published before it
+            self.redone, saved = False, checkpoint.latest(self.args.checkpoint_dir)
+            if saved is not None and saved.step == step + self.offset:
+                return saved.path
         first = self.epochs[epoch].start if epoch < len(self.epochs) else step
         position = {"epoch": epoch, "step": step, "taken": step + self.offset, "loss_sum": loss_sum.detach().cpu(),
                     "epoch_steps": step - first, "epoch_samples": sum(self.batch_sizes[first:step])}
@@ -136,22 +153,32 @@ class Checkpoints:
     def _rederive(self, state: dict, ranks: int) -> tuple[Position, str]:
         """The position an M-rank run has after the share of the epoch that ``ranks`` ranks had drawn
         (``state["position"]``); sets ``state["data"]`` there; returns it and where it is, in words."""
-        saved, n, sizes = state["position"], gossip.size(), self.batch_sizes
-        epoch = saved["epoch"]
-        if epoch >= len(self.epochs):
-            step = first = len(sizes)
-        else:
-            first = step = self.epochs[epoch].start
-            drawn, target = 0, saved["epoch_samples"] * ranks  # samples all old ranks drew in this epoch
-            while step < self.epochs[epoch].stop and (drawn + sizes[step]) * n <= target:
-                drawn, step = drawn + sizes[step], step + 1
-        per_step = saved["loss_sum"] / saved["epoch_steps"] if saved["epoch_steps"] else torch.zeros(())
-        consumed, shard = sum(sizes[:step]), len(self.stream.x)
-        state["data"] = {"epoch": consumed // shard, "position": consumed % shard, "seed": self.stream.seed,
-                         "batch_size": sizes[min(step, len(sizes) - 1)]}
-        where = f"after epoch {epoch}" + (f", {plural(step - first, 'step')} into epoch {epoch + 1}"
-                                          if step > first else "")
-        return Position(epoch, step, per_step * (step - first), saved["taken"]), where
+        position, state["data"], where = rederive(state["position"], ranks, self.batch_sizes, self.epochs, self.stream)
+        return position, where
+
+
+def rederive(saved: dict, ranks: int, sizes: list[int], epochs: list[range], stream) -> tuple[Position, dict, str]:
+    """Where a run on this job's number of ranks stands after the share of an epoch that ``ranks``
+    ranks had drawn: ``saved`` holds the epoch, the samples each old rank drew in it
+    (``epoch_samples``), its steps (``epoch_steps``), its loss sum and the steps taken; ``sizes`` and
+    ``epochs`` are the new run's per-step batch sizes and epochs, ``stream`` this rank's new data
+    stream. Returns the position (rounded down: a few samples may be seen twice, none skipped), the
+    stream's state there and where it is, in words."""
+    n, epoch = gossip.size(), saved["epoch"]
+    if epoch >= len(epochs):
+        step = first = len(sizes)
+    else:
+        first = step = epochs[epoch].start
+        drawn, target = 0, saved["epoch_samples"] * ranks  # samples all old ranks drew in this epoch
+        while step < epochs[epoch].stop and (drawn + sizes[step]) * n <= target:
+            drawn, step = drawn + sizes[step], step + 1
+    per_step = saved["loss_sum"] / saved["epoch_steps"] if saved["epoch_steps"] else torch.zeros(())
+    consumed, shard = sum(sizes[:step]), len(stream.x)
+    data = {"epoch": consumed // shard, "position": consumed % shard, "seed": stream.seed,
+            "batch_size": sizes[min(step, len(sizes) - 1)]}
+    into = f", {plural(step - first, 'step')} into epoch {epoch + 1}" if step > first else ""
+    where = f"after epoch {epoch}{into}"
+    return Position(epoch, step, per_step * (step - first), saved["taken"]), data, where
 
 
 def check_resumable(args: argparse.Namespace, saved: checkpoint.Saved, n: int) -> None:
@@ -188,8 +215,13 @@ def combine_optimizer_state(state: dict, algorithm: str, saved_ranks: int, ranks
             buffer.zero_()
             ours["fresh"] = True
         done[how].append(name)
-    if "outer" in state:
+    if "in_flight" in state:  # DiLoCo: the old ranks' averages in flight are not this job's
+        state["in_flight"] = {"fragments": [], "received": state["in_flight"]["received"][:0]}
+        done[AVERAGED].append("the inner and outer optimizers' state")
+    elif "outer" in state:
         done[AVERAGED].append("the outer loop's start and momentum")
+    if "choco" in state:  # CHOCO-SGD on a time-varying family: one public copy per edge, all restarted
+        state["choco"]["sent_copies"], state["choco"]["received_copies"] = {}, {}
     words = [f"{', '.join(names)} {how}" for how, names in done.items() if names and how != PUSH_SUM]
     if done[PUSH_SUM]:
         words.append("push-sum restarted from the push-sum average")

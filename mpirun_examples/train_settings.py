@@ -26,13 +26,18 @@ DEFAULTS = {
     "resume": False, "timeline": None, "device": "cpu", "log_dir": "results/train", "overwrite": False,
     "op_timeout": 300.0, "progress": None, "period": None, "base": "local-sgd", "slow_lr": None,
     "slow_momentum": None, "warmup_steps": None, "batch_growth": 2.0, "slow_ranks": "", "slow_delay": 0.02,
+    "elastic": False, "inject_failure": "", "inner": None, "outer_lr": None, "outer_momentum": None,
+    "nesterov": None, "fragments": None, "sync_delay": None, "mix": None, "compressor": None, "consensus_step": None,
+    "context": 128,
 }
 SERVER_DEFAULTS = {**DEFAULTS, "algorithm": "ormo", "log_dir": "results/train_server"}  # train_server.py's
 # Options that become an optimizer's keyword (option -> keyword); an algorithm that does not accept
 # the keyword (``algorithms.spec(name).accepts``) refuses the option when it is given.
 KEYWORDS = {"momentum": "momentum", "topology": "topology", "global_avg_every": "global_avg_every",
             "period": "period", "base": "base", "slow_lr": "slow_lr", "slow_momentum": "slow_momentum",
-            "warmup_steps": "warmup_steps", "batch_growth": "growth"}
+            "warmup_steps": "warmup_steps", "batch_growth": "growth", "inner": "inner", "outer_lr": "outer_lr",
+            "outer_momentum": "outer_momentum", "nesterov": "nesterov", "fragments": "fragments",
+            "sync_delay": "delay", "mix": "mix", "compressor": "compressor", "consensus_step": "consensus_step"}
 # Keywords an outer loop (SlowMo, BMUF) hands to its base optimizer.
 BASE_KEYWORDS = ("momentum", "topology", "global_avg_every")
 # --topology auto feeds gossip.Scheduler's choice (allreduce, exponential-2, one-peer, hierarchical
@@ -54,8 +59,8 @@ def fail(message: str) -> None:
 
 
 def say(text: str) -> None:
-    """Print on rank 0 only."""
-    if MPI.COMM_WORLD.rank == 0:
+    """Print on rank 0 only (the runtime's rank 0 once it runs: another rank after a recovery)."""
+    if (gossip.rank() if gossip.is_initialized() else MPI.COMM_WORLD.rank) == 0:
         print(text, flush=True)
 
 
@@ -109,7 +114,8 @@ def make_parser(server: bool = False) -> argparse.ArgumentParser:
     option("--algorithm", f"one of {', '.join(names)}")
     if not server:
         option("--topology", "a name from topologies.topology_names(), e.g. ring, exp2, one-peer-exp2; "
-               "hierarchical (average within each machine, one-peer exp-2 between machines); or auto "
+               "hierarchical (average within each machine, one-peer exp-2 between machines); allreduce (an exact "
+               "average; diloco's default); or auto "
                "(gossip.Scheduler picks from the probed links, the model size and its compute time)")
     option("--lr", "learning rate", type=float)
     option("--momentum", "momentum (algorithms that take it)", type=float)
@@ -125,15 +131,30 @@ def make_parser(server: bool = False) -> argparse.ArgumentParser:
         option("--warmup-steps", "local-sgd: average after every one of the first steps", type=int)
         option("--batch-growth", "cr-psgd(-catalyst): batch growth rho > 1 (first batch --batch-size; "
                "budget --epochs of samples)", type=float)
+        option("--inner", "diloco: the inner optimizer, a torch.optim name (default adamw; --lr is its lr)")
+        option("--outer-lr", "diloco: the outer optimizer's lr (default 0.7)", type=float)
+        option("--outer-momentum", "diloco: the outer optimizer's momentum (default 0.9)", type=float)
+        option("--nesterov", "diloco: Nesterov outer momentum (default on)", action=argparse.BooleanOptionalAction,
+               default=None)
+        option("--fragments", "streaming-diloco: fragments synced at staggered steps (default 4)", type=int)
+        option("--sync-delay", "streaming-diloco: inner steps a fragment's average overlaps (tau, default 1)",
+               type=int)
+        option("--mix", "streaming-diloco: alpha in x <- alpha x + (1 - alpha) theta (default 0.5)", type=float)
+        option("--compressor", "choco-sgd, diloco: what goes on the wire: bf16, fp16, int8, int4, topk-0.01, "
+               "randomk-0.01, sign (gossip.compressor_by_name)")
+        option("--consensus-step", "choco-sgd: consensus step gamma (default: chosen from the compressor)",
+               type=float)
     option("--slow-ranks", "comma-separated ranks made slower by sleeping --slow-delay per step")
     option("--slow-delay", "seconds a --slow-ranks rank sleeps after each step", type=float)
     option("--seed", "seed of the data split, the model and the batches", type=int)
-    option("--dataset", "digits | mnist1d | synthetic | module:function returning a gossip.tools.data.Split")
+    option("--dataset", "digits | mnist1d | synthetic | python-source (the standard library's .py files as "
+           "bytes, for --model char-transformer) | module:function returning a gossip.tools.data.Split")
     option("--alpha", "Dirichlet label skew across ranks (default: iid)", type=float)
-    option("--samples", "synthetic: number of samples", type=int)
+    option("--samples", "synthetic: number of samples; python-source: training windows (at most)", type=int)
     option("--features", "synthetic: features per sample", type=int)
-    option("--model", "the network", choices=["mlp", "cnn"])
-    option("--hidden", "MLP width / CNN channels", type=int)
+    option("--model", "the network", choices=["mlp", "cnn", "char-transformer"])
+    option("--hidden", "MLP width / CNN channels / transformer width", type=int)
+    option("--context", "python-source: tokens per window (the transformer's sequence length)", type=int)
     if not server:
         option("--checkpoint-dir", "where rank-consistent checkpoints go")
         option("--checkpoint-every", "epochs between checkpoints", type=int)
@@ -148,6 +169,12 @@ def make_parser(server: bool = False) -> argparse.ArgumentParser:
            type=float)
     option("--progress", "a progress bar on rank 0 (default: only when gossiprun's output is a terminal)",
            action=argparse.BooleanOptionalAction, default=None)
+    survive = ("a dead worker: the others train on; a dead server ends the job" if server else
+               "dead ranks: the survivors recover, re-split the data and train on")
+    option("--elastic", f"survive {survive} (start it with gossiprun --fault-tolerant)", action="store_true",
+           default=None)
+    option("--inject-failure", "for testing --elastic: RANK:STEP[,RANK:STEP...] makes launch rank RANK kill itself "
+           "(SIGKILL) when the run has taken STEP steps")
     return parser
 
 
@@ -232,6 +259,15 @@ def check_settings(args: argparse.Namespace, n: int, server: bool = False) -> No
     if args.topology == "auto" and base in OWN_MIXING:
         problems.append(f"--topology auto chooses among allreduce, exponential-2, one-peer and hierarchical gossip; "
                         f"{base} needs {OWN_MIXING[base]}: name its topology")
+    if (args.dataset == "python-source") != (args.model == "char-transformer"):
+        problems.append(f"--dataset python-source goes with --model char-transformer, got --dataset {args.dataset} "
+                        f"and --model {args.model}")
+    if server and args.dataset == "python-source":
+        problems.append("train_server.py trains classifiers; train the language model with train.py")
+    if args.dataset == "python-source" and args.alpha is not None:
+        problems.append("--alpha skews class labels; python-source has none (its shards are iid windows)")
+    if args.context < 1:
+        problems.append(f"--context must be >= 1, got {args.context}")
     if args.period is not None and args.period < 1:
         problems.append(f"--period must be >= 1, got {args.period}")
     if spec.kind == "growing-batch" and not args.batch_growth > 1:
@@ -243,6 +279,15 @@ def check_settings(args: argparse.Namespace, n: int, server: bool = False) -> No
                             f"{args.slow_ranks!r} and {args.slow_delay}")
     except ValueError:
         problems.append(f"--slow-ranks is a comma-separated list of ranks, got {args.slow_ranks!r}")
+    try:
+        injected = injected_failures(args)
+        if any(not 0 <= r < n for r in injected) or any(step < 0 for step in injected.values()):
+            problems.append(f"--inject-failure ranks must be in 0..{n - 1} and steps >= 0, got {args.inject_failure!r}")
+    except ValueError:
+        problems.append(f"--inject-failure is RANK:STEP[,RANK:STEP...], got {args.inject_failure!r}")
+    if args.elastic and spec.kind == "asynchronous-gossip":
+        problems.append(f"--elastic: {args.algorithm} gossips through one-sided windows, which cannot be rebuilt "
+                        "under a failed rank; resume it from a checkpoint instead (--checkpoint-dir, --resume)")
     if args.resume and not args.checkpoint_dir:
         problems.append("--resume needs --checkpoint-dir")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -266,13 +311,23 @@ def _base(args: argparse.Namespace) -> str:
 
 
 def takes_topology(args: argparse.Namespace) -> bool:
-    """Whether the algorithm run every step gossips on ``--topology``."""
-    return algorithms.spec(_base(args)).takes_topology
+    """Whether the algorithm run every step gossips on ``--topology`` (DiLoCo only when it is given: by
+    default its outer average is exact)."""
+    spec = algorithms.spec(_base(args))
+    return spec.takes_topology and (spec.kind != "outer-optimizer" or "topology" in args.given)
 
 
 def slow_ranks(args: argparse.Namespace) -> set[int]:
     """The ranks that ``--slow-ranks`` makes slower (to see what asynchrony buys)."""
     return {int(r) for r in str(args.slow_ranks).split(",") if r.strip()}
+
+
+def injected_failures(args: argparse.Namespace) -> dict[int, int]:
+    """``--inject-failure``: launch rank -> the step count at which it kills itself (a testing aid)."""
+    pairs = [item.split(":") for item in str(args.inject_failure).split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(args.inject_failure)
+    return {int(rank): int(step) for rank, step in pairs}
 
 
 def step_delay(args: argparse.Namespace, rank: int) -> float:

@@ -10,20 +10,33 @@ import argparse
 import csv
 import importlib
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import torch
 import torch.nn.functional as F
+from language_model import CharTransformer, validation_loss
 from train_settings import BASE_KEYWORDS, KEYWORDS, fail, plural
 
 import algorithms
 import gossip
 import topologies
-from gossip.tools.data import Split, load_digits, load_mnist1d, synthetic_classification
+from gossip.tools.data import (
+    BatchStream,
+    Split,
+    TextSplit,
+    load_digits,
+    load_mnist1d,
+    load_python_source,
+    partition,
+    synthetic_classification,
+)
 
 TERMINAL = "GOSSIPRUN_STDOUT_IS_TERMINAL"  # set by gossiprun: "1" if its own stdout is a terminal
 LAUNCHED = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")  # set by mpirun / srun
@@ -43,7 +56,7 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, data: Split
         owner = base if option in BASE_KEYWORDS else spec
         value = getattr(args, option)
         if option == "topology":
-            if owner.takes_topology:
+            if owner.takes_topology and (owner.kind != "outer-optimizer" or "topology" in args.given):
                 hyper["topology"] = make_topology(args, n, model, data, device)
         elif value is not None and owner.accepts(keyword):
             hyper[keyword] = value
@@ -58,16 +71,20 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, data: Split
 
 
 def make_topology(args: argparse.Namespace, n: int, model: torch.nn.Module, data: Split, device: torch.device):
-    """``--topology``: a graph or time-varying family by name, "hierarchical", or the scheduler's
-    choice for ``auto`` (collective)."""
-    if args.topology == "hierarchical":  # machine average + one-peer exp-2 between machines
-        return args.topology
+    """``--topology``: a graph or time-varying family by name, "hierarchical", "allreduce", or the
+    scheduler's choice for ``auto`` (collective). With ``--elastic`` a static graph comes as a
+    builder ``n -> graph``, so that the optimizer's schedule can be rebuilt for the survivors."""
+    if args.topology in ("hierarchical", "allreduce"):  # machine average + one-peer exp-2 between machines;
+        return args.topology  # an exact average
     if args.topology == "auto":
         return auto_schedule(args, model, data, device)
     try:
-        return topologies.by_name(args.topology, n, seed=args.seed, local_size=gossip.local_size())
+        topology = topologies.by_name(args.topology, n, seed=args.seed, local_size=gossip.local_size())
     except ValueError as error:
         fail(f"--topology {args.topology!r} on {plural(n, 'rank')}: {error}")
+    if args.elastic and isinstance(topology, nx.DiGraph):  # a builder, which gossip.recover() calls for the survivors
+        return lambda m: topologies.by_name(args.topology, m, seed=args.seed, local_size=gossip.local_size())
+    return topology
 
 
 def auto_schedule(args: argparse.Namespace, model: torch.nn.Module, data: Split,
@@ -78,13 +95,44 @@ def auto_schedule(args: argparse.Namespace, model: torch.nn.Module, data: Split,
     rng, times = torch.get_rng_state(), []
     for _ in range(5):
         began = time.perf_counter()
-        F.cross_entropy(model(x), y).backward()
+        loss_of(model, x, y).backward()
         times.append(time.perf_counter() - began)
     model.zero_grad(set_to_none=True)
     torch.set_rng_state(rng)
     compute = gossip.metrics.mean_over_ranks(float(np.median(times[1:])))
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return gossip.Scheduler.auto(nbytes, compute_seconds=compute, global_avg_every=args.global_avg_every)
+
+
+@dataclass
+class RunPlan:
+    """This rank's part of a run on some number of ranks: its data stream (its shard of the training
+    set), the per-step batch sizes, the steps of each epoch, and whether the batches grow (fixed by
+    the optimizer, CR-PSGD)."""
+
+    stream: BatchStream
+    batch_sizes: list[int]
+    epochs: list[range]
+    growing: bool
+
+
+def samples_per_epoch(args: argparse.Namespace, data: Split, n: int) -> int:
+    """Samples one rank draws per epoch on ``n`` ranks: whole steps of ``--batch-size`` covering the
+    training set once between them."""
+    return math.ceil(len(data.x_train) / (n * args.batch_size)) * args.batch_size
+
+
+def plan_run(args: argparse.Namespace, data: Split, device: torch.device, optimizer, n: int, rank: int) -> RunPlan:
+    """The run on ``n`` ranks as ``rank`` sees it: its shard (iid or ``--alpha`` label skew), its batch
+    stream, and the steps: fixed batches, or CR-PSGD's growing ones within the same per-rank budget."""
+    shard = partition(data.y_train, n, args.alpha, seed=args.seed)[rank]
+    stream = BatchStream(data.x_train[shard].to(device), data.y_train[shard].to(device), args.batch_size,
+                         seed=args.seed * 100_003 + rank)
+    per_rank = samples_per_epoch(args, data, n)
+    growing = algorithms.spec(args.algorithm).kind == "growing-batch"
+    batch_sizes = list(optimizer.batch_sizes) if growing else [args.batch_size] * (per_rank // args.batch_size *
+                                                                                   args.epochs)
+    return RunPlan(stream, batch_sizes, epoch_steps(batch_sizes, per_rank, args.epochs), growing)
 
 
 def epoch_steps(batch_sizes: list[int], samples_per_epoch: int, epochs: int) -> list[range]:
@@ -106,6 +154,8 @@ def epoch_steps(batch_sizes: list[int], samples_per_epoch: int, epochs: int) -> 
 def load_dataset(args: argparse.Namespace) -> Split:
     if args.dataset == "digits":
         return load_digits(flat=args.model != "cnn", seed=args.seed)
+    if args.dataset == "python-source":  # offline text: byte windows of the standard library's source
+        return load_python_source(context=args.context, max_train_chars=args.samples * args.context + 1, seed=args.seed)
     if args.model == "cnn":
         fail("--model cnn is for the 8x8 digits images; use --model mlp")
     if args.dataset == "mnist1d":
@@ -125,6 +175,8 @@ def load_dataset(args: argparse.Namespace) -> Split:
 
 
 def make_model(args: argparse.Namespace, data: Split) -> torch.nn.Module:
+    if args.model == "char-transformer":
+        return CharTransformer(data.vocab_size, data.context, width=args.hidden)
     classes = data.num_classes
     if args.model == "cnn":
         c = args.hidden // 2
@@ -136,6 +188,17 @@ def make_model(args: argparse.Namespace, data: Split) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(features, args.hidden), torch.nn.ReLU(),
                                torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU(),
                                torch.nn.Linear(args.hidden, classes))
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every prediction: logits (batch, classes) or (batch, length, vocabulary)."""
+    return F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+
+
+def evaluate(model: torch.nn.Module, data: Split, device: torch.device) -> float:
+    """The per-epoch measure: test accuracy, or a language model's validation loss (nats per token)."""
+    x, y = data.x_test.to(device), data.y_test.to(device)
+    return validation_loss(model, x, y) if isinstance(data, TextSplit) else accuracy(model, x, y)
 
 
 @torch.no_grad()
@@ -191,17 +254,26 @@ class Log:
         self.directory = Path(directory)
         self.settings = {k: v for k, v in settings.items() if k != "given"}
         self.records: list[dict] = list(resumed_records or [])
+        self.failures: list[dict] = []  # --elastic: the failures survived (train_elastic.Elastic.failures)
         self.started = time.perf_counter() - (self.records[-1]["wall_seconds"] if self.records else 0.0)
 
     def add(self, **record) -> None:
+        """Record (and on rank 0 print and write) one epoch; an epoch recorded before replaces it (an
+        epoch's end done again after a failure, --elastic)."""
         record["wall_seconds"] = time.perf_counter() - self.started
-        self.records.append(record)
+        self.records = [r for r in self.records if r.get("epoch") != record.get("epoch")] + [record]
         if gossip.rank() != 0:
             return
         if "staleness_mean" in record:  # the parameter server's record
             print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  test acc (server model) "
                   f"{100 * record['test_accuracy']:5.2f}%  staleness mean {record['staleness_mean']:.1f} "
                   f"max {record['staleness_max']}  {record['samples_per_second']:,.0f} samples/s", flush=True)
+        elif "validation_loss_averaged" in record:
+            print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  validation loss (averaged) "
+                  f"{record['validation_loss_averaged']:.4f} = {record['validation_loss_averaged'] / math.log(2):.3f} "
+                  f"bits/char  (rank 0) {record['validation_loss_rank0']:.4f}  "
+                  f"consensus {record['consensus_distance']:.2e}  {record['samples_per_second']:,.0f} samples/s  "
+                  f"communication {100 * record['communication_share']:4.1f}% of step time", flush=True)
         else:
             print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  "
                   f"test acc (averaged) {100 * record['test_accuracy_averaged']:5.2f}%  "
@@ -217,8 +289,9 @@ class Log:
             writer = csv.DictWriter(f, fieldnames=list(self.records[0]))
             writer.writeheader()
             writer.writerows(self.records)
-        (self.directory / "log.json").write_text(json.dumps({"settings": self.settings, "epochs": self.records},
-                                                            indent=1))
+        log = {"settings": self.settings, "epochs": self.records, **({"failures": self.failures} if self.failures
+                                                                      else {})}
+        (self.directory / "log.json").write_text(json.dumps(log, indent=1))
 
     def finish(self, trace: Path | None) -> None:
         """Rank 0: the logs (also those of a resumed run that had nothing left to train), the plot, and
@@ -247,6 +320,7 @@ class Log:
         epochs = [r["epoch"] for r in self.records]
         wall = [r["wall_seconds"] for r in self.records]
         server = "test_accuracy" in self.records[0]
+        text = "validation_loss_averaged" in self.records[0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for axis, xs, label in ((axes[0], epochs, "epoch"), (axes[1], wall, "wall time (s)")):
             axis.plot(xs, [r["train_loss"] for r in self.records], "C0-", label="training loss")
@@ -255,10 +329,13 @@ class Log:
             twin = axis.twinx()
             if server:
                 twin.plot(xs, [100 * r["test_accuracy"] for r in self.records], "C1-", label="server model")
+            elif text:
+                twin.plot(xs, [r["validation_loss_averaged"] for r in self.records], "C1-", label="averaged")
+                twin.plot(xs, [r["validation_loss_rank0"] for r in self.records], "C2--", label="rank 0")
             else:
                 twin.plot(xs, [100 * r["test_accuracy_averaged"] for r in self.records], "C1-", label="averaged")
                 twin.plot(xs, [100 * r["test_accuracy_rank0"] for r in self.records], "C2--", label="rank 0")
-            twin.set_ylabel("test accuracy (%)")
+            twin.set_ylabel("validation loss (nats/char)" if text else "test accuracy (%)")
             twin.legend(loc="center right")
         where = "" if server else f" on {self.settings['topology']}"
         fig.suptitle(f"{self.settings['algorithm']}{where}, {plural(gossip.size(), 'rank')}, "

@@ -1,10 +1,21 @@
 """gossip.tools.data: offline datasets, partitions across ranks and the per-rank batch stream (no MPI)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from gossip.tools.data import BatchStream, load_digits, partition, synthetic_classification
+from gossip.tools.data import (
+    BatchStream,
+    Split,
+    TextSplit,
+    load_digits,
+    load_python_source,
+    partition,
+    python_source_files,
+    synthetic_classification,
+)
 
 
 def _labels(classes=10, per_class=50):
@@ -98,3 +109,75 @@ def test_synthetic_classification_shapes():
     assert data.num_classes == 5
     with pytest.raises(ValueError, match="classes"):
         synthetic_classification(samples=5, classes=10)
+
+
+# --- the Python standard library as text ------------------------------------------------------------
+
+def _text(x: torch.Tensor, y: torch.Tensor) -> bytes:
+    """The bytes the windows were cut from: each window's x, then the last window's last target."""
+    return bytes(x.reshape(-1).tolist() + [int(y[-1, -1])])
+
+
+def test_python_source_is_split_by_file():
+    train, validation = python_source_files()
+    assert train and validation and not set(train) & set(validation)
+    assert len(set(train)) == len(train) and len(set(validation)) == len(validation)
+    assert 0.05 < len(validation) / (len(train) + len(validation)) < 0.15
+    assert all(p.suffix == ".py" for p in train + validation)
+    assert not any({"site-packages", "test", "tests"} & set(p.parts) for p in train + validation)
+    # a file's side depends only on its path and the seed: a larger fraction only moves files to validation
+    wider_train, wider_validation = python_source_files(validation_fraction=0.3)
+    assert set(validation) < set(wider_validation) and set(wider_train) < set(train)
+    assert set(train + validation) == set(wider_train + wider_validation)
+    assert set(python_source_files(seed=1)[1]) != set(validation)
+
+
+def test_python_source_windows_come_from_their_side_of_the_split():
+    data = load_python_source(context=32, max_train_chars=50_000, max_val_chars=20_000)
+    train, validation = python_source_files()
+    for (x, y), files, cap in (((data.x_train, data.y_train), train, 50_000),
+                               ((data.x_test, data.y_test), validation, 20_000)):
+        whole = b"".join(p.read_bytes() for p in files[:200])  # more than the cap
+        assert len(x) == (cap - 1) // 32
+        assert _text(x, y) == whole[: len(x) * 32 + 1]
+
+
+def test_python_source_windows_are_shifted_by_one_and_bytes():
+    data = load_python_source(context=16, max_train_chars=10_000, max_val_chars=5_000)
+    assert isinstance(data, TextSplit) and isinstance(data, Split)
+    assert data.vocab_size == data.num_classes == 256 and data.context == 16
+    for x, y in ((data.x_train, data.y_train), (data.x_test, data.y_test)):
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape and x.shape[1] == 16
+        assert int(x.min()) >= 0 and int(x.max()) < 256 and int(y.min()) >= 0 and int(y.max()) < 256
+        assert torch.equal(x[:, 1:], y[:, :-1])  # y[t] is the token after x[t]
+        assert torch.equal(y[:-1, -1], x[1:, 0])  # consecutive windows continue the text
+    assert int((data.x_train == ord("\n")).sum()) > 100  # text, not noise
+
+
+def test_python_source_is_deterministic_and_seeded():
+    a, b = (load_python_source(context=32, max_train_chars=20_000) for _ in range(2))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    c = load_python_source(context=32, max_train_chars=20_000, seed=1)
+    assert not torch.equal(a.x_train, c.x_train)
+
+
+def test_python_source_reads_only_up_to_its_caps(monkeypatch):
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real(self))
+    load_python_source(context=8, max_train_chars=100, max_val_chars=100)
+    assert 2 <= len(reads) <= 4  # the first file or two of each side, not the library
+
+
+def test_python_source_with_partition_and_batch_stream():
+    data = load_python_source(context=8, max_train_chars=4_000, max_val_chars=1_000)
+    shards = partition(data.y_train, 3)  # iid: only the number of windows matters
+    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(len(data.y_train)))
+    x, y = BatchStream(data.x_train[shards[1]], data.y_train[shards[1]], batch_size=5).next()
+    assert x.shape == y.shape == (5, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ValueError, match="one class label per sample"):
+        partition(data.y_train, 3, alpha=0.5)
+    with pytest.raises(ValueError, match="context"):
+        load_python_source(context=0)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        python_source_files(validation_fraction=1.0)

@@ -1,6 +1,7 @@
 """Fault-tolerant mode under real ``mpirun --with-ft ulfm``: ranks killed with SIGKILL during each kind
 of op, the survivors get gossip.RankFailure, recover and go on, checked against NumPy
-(tests/mpi_scripts/fault_tolerance.py); and the mode's settings and launcher flags."""
+(tests/mpi_scripts/fault_tolerance.py); every optimizer carrying on after the recovery
+(tests/mpi_scripts/fault_tolerance_optimizers.py); and the mode's settings and launcher flags."""
 
 import json
 import sys
@@ -8,6 +9,7 @@ import textwrap
 
 import pytest
 
+from gossip.plan.schedule import NoCommunication, PeriodicGlobalAverage
 from gossip.settings import Settings
 from gossip.tools.launch import fault_tolerant_flags, parse_arguments
 from tests.mpi_harness import TESTS, emulation_unavailable, run_job
@@ -79,6 +81,54 @@ def test_survivors_recover_and_continue(case, phase, tmp_path):
     print(f"\n{case} {phase}: detection {min(detect) * 1e3:.0f}-{max(detect) * 1e3:.0f} ms, recovery "
           f"{min(seconds) * 1e3:.1f}-{max(seconds) * 1e3:.1f} ms, attempts "
           f"{[r['attempts'] for r in reports[0]['recoveries']]}")
+
+
+OPTIMIZERS = TESTS / "mpi_scripts" / "fault_tolerance_optimizers.py"
+OPTIMIZERS_BOUND = 300.0  # seconds: about 40 s on 2 quiet cores (mostly starting torch on 4 ranks)
+
+
+@pytest.mark.mpi
+def test_every_synchronous_optimizer_carries_on_after_recovery(tmp_path):
+    """Every synchronous registry algorithm (static and time-varying topologies, hierarchical, Gossip-PGA,
+    the scheduler, 8 MB messages) in one job: rank 2 dies; after gossip.recover() each optimizer's steps
+    follow its equation on the survivors' W (checked in NumPy, step by step), push-sum mass sums to 3,
+    trackers sum to the gradients, outer states and allreduce models agree, the loss falls to near the
+    survivors' minimum and the models agree; adpsgd and a OnePeer graph family raise a clear error
+    (tests/mpi_scripts/fault_tolerance_optimizers.py)."""
+    command = [*fault_tolerant_flags(), sys.executable, str(OPTIMIZERS), str(tmp_path)]
+    done = run_job(4, command, OPTIMIZERS_BOUND, what="the fault-tolerant optimizers job")
+    reports = reports_of(done.returncode, done.stdout)
+    assert [r["origin"] for r in reports] == [0, 1, 3], reports
+    synchronous = {"dsgd", "dsgd-awc", "dmsgd", "decentlam", "awc-dmsgd", "da-dmsgd", "qg-dmsgd", "d2", "sgp",
+                   "gradient-tracking", "pmsgd", "local-sgd", "mavg", "slowmo", "bmuf", "cr-psgd", "cr-psgd-catalyst"}
+    variants = {"dsgd/dynamic", "sgp/dynamic", "gradient-tracking/dynamic", "dsgd/hierarchical", "dsgd/scheduler",
+                "dsgd/dynamic+pga", "dsgd-awc/static/8MB", "sgp/dynamic/8MB", "pmsgd/8MB", "adpsgd", "dsgd/inner-outer",
+                "sgp/given-graph", "dsgd/one-peer-ring", "sgp/hub"}
+    for report in reports:
+        assert report["size"] == 3 and report["recovery_s"] < 5.0, report
+        assert report["checked"] > 1000, report["checked"]  # each step checked, several quantities each
+        cases = report["cases"]
+        assert synchronous <= {label.split("/")[0] for label in cases} and variants <= set(cases), sorted(cases)
+        for label, trace in cases.items():
+            if "loss_gap" in trace:
+                assert trace["loss_gap"] < trace["loss_gap_at_recovery"], (label, trace)
+    assert any(abs(r["cases"]["sgp/hub"]["mass_before"] - 1) > 0.1 for r in reports), reports  # renormalised
+    outer = reports[0]["cases"]["slowmo(dsgd)/dynamic"]  # which survivors completed its step at the failure
+    print(f"\nslowmo(dsgd): step counts at the failure {outer['steps_before']}, round ended in the recovery: "
+          f"{outer['round_ended_in_recovery']}", end="")
+    traces = reports[0]["cases"].items()
+    gaps = {label: t["loss_gap"] / t["loss_gap_at_recovery"] for label, t in traces if "loss_gap" in t}
+    worst = max(gaps, key=gaps.get)
+    print(f"\n{reports[0]['checked']} checks per survivor; recovery {max(r['recovery_s'] for r in reports) * 1e3:.0f} "
+          f"ms; worst loss gap left (of the gap at the recovery): {worst} {gaps[worst]:.3g}")
+
+
+@pytest.mark.parametrize("every,warmup", [(3, 0), (4, 2), (1, 0), (None, 3), (5, 7)])
+def test_periodic_average_counts_the_averages_before_a_step(every, warmup):
+    """What an outer loop's recovery compares its rounds with (PeriodicGlobalAverage.averages_before)."""
+    schedule = PeriodicGlobalAverage(NoCommunication(), every, warmup)
+    for step in range(40):
+        assert schedule.averages_before(step) == sum(schedule.averages(k) for k in range(step)), (every, warmup, step)
 
 
 @pytest.mark.mpi

@@ -185,3 +185,60 @@ def test_dynamic_bad_input() -> None:
             schedule.peers(0, rank)
     with pytest.raises(ValueError, match="step"):
         schedule.peers(-1, 0)
+
+
+RESIZABLE = {  # family on 6 ranks -> the same family built directly on n ranks
+    "one_peer_exp2": (topologies.OnePeerExponentialTwo(6), lambda n: topologies.OnePeerExponentialTwo(n)),
+    "random_matching": (topologies.RandomMatching(6, seed=5), lambda n: topologies.RandomMatching(n, seed=5)),
+    "base_3": (topologies.BaseGraph(6, 2, inner_edges=False), lambda n: topologies.BaseGraph(n, 2, inner_edges=False)),
+    "od_equidyn": (topologies.OnePeerDirectedEquiDyn(6, seed=2),
+                   lambda n: topologies.OnePeerDirectedEquiDyn(n, seed=2)),
+    "ou_equidyn": (topologies.OnePeerUndirectedEquiDyn(6, eta=0.5, seed=2),
+                   lambda n: topologies.OnePeerUndirectedEquiDyn(n, eta=0.5, seed=2)),
+}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("name", list(RESIZABLE))
+def test_resized_is_the_family_rebuilt_with_its_parameters(name: str, n: int) -> None:
+    family, direct = RESIZABLE[name]
+    resized, expected = family.resized(n), direct(n)
+    assert type(resized) is type(family) and resized.n == n and resized.period == expected.period
+    for step in range(2 * (expected.period or 8)):
+        np.testing.assert_array_equal(resized.mixing_matrix(step), expected.mixing_matrix(step))
+    assert family.resized(6) is family  # nothing changes: the family itself
+
+
+def test_resized_equidyn_recomputes_defaults_and_keeps_what_was_given() -> None:
+    default = topologies.OnePeerDirectedEquiDyn(6, seed=1).resized(3)
+    assert default.eta == 3 / 4 and default.shifts == [1, 2] and default.seed == 1
+    given = topologies.OnePeerUndirectedEquiDyn(6, eta=0.4, seed=1, shifts=[1, 2]).resized(4)
+    assert given.eta == 0.4 and given.shifts == [1, 2]
+    with pytest.raises(ValueError, match=r"OnePeerUndirectedEquiDyn cannot be rebuilt for 3 ranks: shifts must be"):
+        topologies.OnePeerUndirectedEquiDyn(6, shifts=[1, 5]).resized(3)
+
+
+@pytest.mark.parametrize("family", [topologies.InnerOuterRing, topologies.InnerOuterExponentialTwo])
+def test_resized_machine_families_take_the_new_local_size(family) -> None:
+    schedule = family(12, 3)  # 4 machines of 3
+    for n, local, expected in ((9, None, family(9, 3)), (8, 4, family(8, 4)), (12, 4, family(12, 4))):
+        resized = schedule.resized(n, local_size=local)
+        assert (resized.n, resized.local_size) == (expected.n, expected.local_size)
+        for step in range(expected.period):
+            np.testing.assert_array_equal(resized.mixing_matrix(step), expected.mixing_matrix(step))
+    assert schedule.resized(12, local_size=3) is schedule
+    with pytest.raises(ValueError, match=rf"{family.__name__} cannot be rebuilt for 10 ranks: 10 ranks do not split"):
+        schedule.resized(10)
+    with pytest.raises(ValueError, match="inner/outer schedules need 1 or at least 3 local ranks"):
+        schedule.resized(8, local_size=2)
+
+
+def test_resized_refuses_families_of_fixed_graphs() -> None:
+    with pytest.raises(ValueError, match="OnePeer cannot be rebuilt for 3 ranks: it follows a fixed base graph on 4"):
+        topologies.OnePeer(topologies.ring(4)).resized(3)
+    sequence = topologies.GraphSequence([topologies.ring(4), topologies.fully_connected(4)])
+    with pytest.raises(ValueError, match="GraphSequence cannot be rebuilt for 5 ranks: it is a fixed list of 2 graphs"):
+        sequence.resized(5)
+    assert sequence.resized(4) is sequence
+    with pytest.raises(ValueError, match="number of nodes must be a positive int, got 0"):
+        topologies.OnePeerExponentialTwo(4).resized(0)

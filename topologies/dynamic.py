@@ -6,6 +6,11 @@ and the step's mixing matrix W(k) for analysis. Every family is a pure function 
 and its construction arguments (including any random seed), so ranks agree without communicating.
 One gossip step computes ``x_i <- self_weight * x_i + sum_j src_weights[j] * dst_weights_j[i] * x_j``,
 so ``W(k)[i, j] = src_weights_i[j] * dst_weights_j[i]`` and ``W(k)[i, i] = self_weight_i``.
+
+:meth:`DynamicTopology.resized` gives the same family on another number of ranks (the survivors of a
+failed rank, after ``gossip.recover()``): each family is rebuilt from its construction arguments,
+and a family that is a fixed list of graphs (:class:`GraphSequence`, :class:`OnePeer` over a given
+graph) raises ValueError naming itself.
 """
 
 from __future__ import annotations
@@ -64,6 +69,24 @@ class DynamicTopology(ABC):
         """The step's weighted graph (edge ``j -> i`` carries ``W(step)[i, j]``)."""
         return from_matrix(self.mixing_matrix(step))
 
+    def resized(self, n: int, *, local_size: int | None = None) -> DynamicTopology:
+        """The same family, with the same parameters (seed, degree, ...), on ``n`` ranks; itself when
+        nothing changes. ``local_size`` is the new number of ranks per machine, read by the
+        machine-aware families only (default: theirs). Pure: no communication. ValueError naming the
+        family where it has no rule to be rebuilt (a fixed list of graphs) or no graph on ``n`` ranks.
+        """
+        check_size(n)
+        if n == self.n and local_size in (None, getattr(self, "local_size", None)):
+            return self
+        try:
+            return self._resized(n, local_size)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__} cannot be rebuilt for {n} ranks: {error}") from None
+
+    def _resized(self, n: int, local_size: int | None) -> DynamicTopology:
+        """The family on ``n`` ranks (:meth:`resized` has checked that something changes)."""
+        raise ValueError("it has no rule to follow a change in the number of ranks")
+
     def _check(self, step: int, rank: int) -> None:
         if not isinstance(step, int | np.integer) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -97,6 +120,11 @@ class GraphSequence(DynamicTopology):
     def mixing_matrix(self, step: int) -> np.ndarray:
         self._check(step, 0)
         return mixing_matrix(self._graphs[step % self.period])
+
+    def _resized(self, n: int, local_size: int | None) -> DynamicTopology:
+        raise ValueError(f"it is a fixed list of {self.period} graph{'s' if self.period != 1 else ''} on {self.n} "
+                         f"nodes; build the sequence for {n} ranks, or use a family that follows the number of "
+                         "ranks (BaseGraph, OnePeerExponentialTwo, ...)")
 
 
 def _peers_from_graph(graph: nx.DiGraph, n: int) -> list[StepPeers]:
@@ -185,6 +213,9 @@ class OnePeerExponentialTwo(OnePeerFamily):
         hop = self.offset(step)
         return (np.arange(self.n) + hop) % self.n if hop else np.full(self.n, -1)
 
+    def _resized(self, n: int, local_size: int | None) -> OnePeerExponentialTwo:
+        return OnePeerExponentialTwo(n)
+
 
 class OnePeer(OnePeerFamily):
     """One-peer version of any static graph: at step k each rank sends to one of its out-neighbours.
@@ -208,6 +239,10 @@ class OnePeer(OnePeerFamily):
 
     def targets(self, step: int) -> list[int | None]:
         return [outs[step % len(outs)] if outs else None for outs in self._out]
+
+    def _resized(self, n: int, local_size: int | None) -> DynamicTopology:
+        raise ValueError(f"it follows a fixed base graph on {self.n} nodes; build OnePeer over a graph on {n} "
+                         "nodes, or use OnePeerExponentialTwo, which follows the number of ranks")
 
 
 class RandomMatching(OnePeerFamily):
@@ -234,3 +269,6 @@ class RandomMatching(OnePeerFamily):
         targets[order[0:2 * pairs:2]] = order[1:2 * pairs:2]
         targets[order[1:2 * pairs:2]] = order[0:2 * pairs:2]
         return targets
+
+    def _resized(self, n: int, local_size: int | None) -> RandomMatching:
+        return RandomMatching(n, self.seed)

@@ -20,7 +20,9 @@ shifts give ``||W - J||_2 < eps`` with probability at least 1 - p, whatever n.
 For OD-EquiDyn with u uniform on {1..n-1}, ``E||W(k) x||^2 = (1 - 2 eta (1 - eta + eta/n)) ||x||^2``
 for x orthogonal to 1, minimised at ``eta = n / (2(n - 1))`` (about 1/2): the default.
 Shifts are drawn from ``numpy.random.default_rng`` seeded by ``seed`` (static) or ``[seed, step]``
-(dynamic), so every rank draws the same graph without communicating.
+(dynamic), so every rank draws the same graph without communicating. ``resized(n)`` of an EquiDyn
+family keeps its seed and any ``eta`` or ``shifts`` it was given (ValueError if a given shift is
+not in 1..n-1); the defaults are recomputed for n.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class _EquiDyn(OnePeerFamily):
     def __init__(self, n: int, eta: float | None = None, seed: int = 0, shifts: Sequence[int] | None = None) -> None:
         check_size(n)
         check_seed(seed)
+        given_eta = eta
         if eta is None:
             eta = n / (2 * (n - 1)) if n > 1 else 0.5
         if not 0 < eta <= 1:
@@ -128,6 +131,11 @@ class _EquiDyn(OnePeerFamily):
         self.shifts = _check_shifts(n, shifts) if shifts is not None else list(range(1, n))
         self.neighbor_weight = self.eta * (n - 1) / n
         self.period = None if n > 1 else 1
+        self._given = (given_eta, shifts)  # what resized() keeps: None means "the default for the size"
+
+    def _resized(self, n: int, local_size: int | None) -> _EquiDyn:
+        eta, shifts = self._given
+        return type(self)(n, eta=eta, seed=self.seed, shifts=shifts)
 
     def _draw(self, step: int) -> tuple[int, np.random.Generator]:
         rng = np.random.default_rng([self.seed, step])

@@ -201,3 +201,7 @@ class BaseGraph(GraphSequence):
     def __init__(self, n: int, k: int = 1, inner_edges: bool = True) -> None:
         super().__init__(base_graph(n, k, inner_edges))
         self.k = k
+        self.inner_edges = inner_edges
+
+    def _resized(self, n: int, local_size: int | None) -> BaseGraph:
+        return BaseGraph(n, self.k, self.inner_edges)

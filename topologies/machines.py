@@ -8,7 +8,8 @@ local ranks. Every rank sends to at most one rank and receives from at most one,
 each W(k) is doubly stochastic. Needs 1 or at least 3 local ranks per machine (with 2, the
 inner group is one rank and a machine's two local ranks never exchange). (After the inner/outer
 schedules of BlueFog: Ying, Yuan, Hu, Chen and Yin, "BlueFog: Make Decentralized Algorithms Practical
-for Optimization and Deep Learning", arXiv 2111.04287, 2021.)
+for Optimization and Deep Learning", arXiv 2111.04287, 2021.) ``resized(n, local_size=k)`` rebuilds a family
+for n ranks on machines of k local ranks (default: the same k).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class _InnerOuter(OnePeerFamily):
             self.period = local_size
         else:
             self.period = lcm(local_size, max(1, ceil_log(self.machines, 2)), max(1, ceil_log(inner, 2)))
+
+    def _resized(self, n: int, local_size: int | None) -> _InnerOuter:
+        return type(self)(n, self.local_size if local_size is None else local_size)
 
     def targets(self, step: int) -> list[int | None]:
         size = self.local_size

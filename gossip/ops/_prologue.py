@@ -31,13 +31,16 @@ Problem = str | TypeError | ValueError | None
 
 def failures_raised(what: str) -> Callable:
     """Decorate an op: in fault-tolerant mode an MPI error of a failed rank inside it raises
-    :class:`gossip.RankFailure` naming the op ``what`` (after revoking the runtime's communicators)."""
+    :class:`gossip.RankFailure` naming the op ``what`` (after revoking the runtime's communicators), and
+    so does a failure already known when the op is called: nothing is posted on a broken communicator."""
     def decorate(op: Callable) -> Callable:
         @functools.wraps(op)
         def call(*args, **kwargs):  # type: ignore[no-untyped-def]
             rt = current_or_none()
             if rt is None or rt.failures is None:
                 return op(*args, **kwargs)
+            if rt.failures.broken():  # posting on a revoked communicator can crash Open MPI's libnbc
+                rt.failures.fail(what)
             with rt.failures.guard(what):
                 return op(*args, **kwargs)
         return call

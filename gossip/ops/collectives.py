@@ -47,6 +47,7 @@ def allreduce(tensor: torch.Tensor, op: str = "mean", *, out: torch.Tensor | Non
     x = tensor.detach().contiguous()
     wide = prologue.widen(x)
     result = prologue.pick_output(out, wide, avoid=x)  # reduce straight into the caller's buffer when it fits
+    rt.traffic.count_allreduce("allreduce", wide.numel() * wide.element_size(), rt.size)
     if route.kind is RouteKind.PIPELINED:
         _allreduce_pipelined(rt, wide.view(-1), result.view(-1))
     else:
@@ -93,12 +94,13 @@ def broadcast(tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
     return result
 
 
-def _broadcast_inplace(rt: Runtime, flat: torch.Tensor, root: int) -> None:
-    """``root``'s values of the contiguous ``flat`` into ``flat`` on every rank."""
+def _broadcast_inplace(rt: Runtime, flat: torch.Tensor, root: int, op: str = "broadcast") -> None:
+    """``root``'s values of the contiguous ``flat`` into ``flat`` on every rank (counted under ``op``)."""
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     flat = flat.view(-1)
     transport = rt.transport
+    rt.traffic.count_broadcast(op, flat.numel() * flat.element_size(), rt.size, rt.rank == root)
     buf = transport.outgoing(flat) if rt.rank == root else transport.receiving(flat)
     rt.watchdog.wait([rt.comm.Ibcast(mpi_buffer(buf), root=root)], f"broadcast from rank {root}",
                      nbytes=buf.numel() * buf.element_size())
@@ -128,6 +130,7 @@ def allgather(tensor: torch.Tensor) -> torch.Tensor:
     result = torch.empty((sum(rows), *x.shape[1:]), dtype=x.dtype, device=x.device)
     transport = rt.transport
     send, recv = transport.outgoing(x.view(-1)), transport.receiving(result.view(-1))
+    rt.traffic.count_allgather("allgather", x.numel() * x.element_size(), rt.size)
     recv_obj, _, datatype = mpi_buffer(recv)
     rt.watchdog.wait([rt.comm.Iallgatherv(mpi_buffer(send), [recv_obj, (counts, displs), datatype])], "allgather")
     transport.received(recv, result.view(-1))
@@ -165,7 +168,7 @@ def broadcast_parameters(module_or_state: torch.nn.Module | Mapping[str, torch.T
         for group in group_by_dtype_and_device(tensors):
             flat = torch.cat([t.detach().reshape(-1) for t in group]) if len(group) > 1 else \
                 group[0].detach().reshape(-1).clone()
-            _broadcast_inplace(rt, flat, root)
+            _broadcast_inplace(rt, flat, root, "broadcast_parameters")
             offset = 0
             for t in group:
                 t.detach().copy_(flat[offset:offset + t.numel()].view_as(t))

@@ -13,7 +13,12 @@ carries W_MM'), or a ``topologies`` time-varying family over the machines at ``s
 sender's scale, 1 for plain averaging). Only one rank per machine talks across machines, so the
 slow inter-machine links carry one message per machine instead of one per rank; the intra-machine
 allreduce and broadcast use the fast local links. With machines of equal size k this is one gossip
-step with W ⊗ (11ᵀ/k). The default machine topology is the exponential-2 graph over the machines.
+step with W ⊗ (11ᵀ/k). Machines of unequal sizes s_M (after a rank failure, say) would make the
+uniform average of machine means the fixed point, counting a rank of a small machine more; so there
+each machine takes its neighbours' weights times s_min/s_M and its own weight 1 − (1 − W_MM)s_min/s_M:
+for a doubly stochastic W that matrix is row-stochastic with sᵀW̃ = sᵀ, so Σ_M s_M m_M, the sum over
+ranks, is kept exactly and the ranks agree on their true average (mixing slows by at most s_min/s_max).
+The default machine topology is the exponential-2 graph over the machines.
 Float tensors; float16/bfloat16 are combined in float32. As the transport routes it
 (:meth:`gossip.transport.Transport.route`), a CUDA tensor goes to a CUDA-aware MPI directly (the
 machine average and the leaders' combination run on the GPU) or is staged through pinned host
@@ -84,6 +89,9 @@ def hierarchical_neighbor_allreduce(tensor: torch.Tensor, machine_topology: nx.D
     transport, numel = rt.transport, values.numel()
     send = transport.outgoing(values)
     mean = transport.incoming(numel, values.dtype, values.device)  # where MPI reaches: pinned host when staged
+    nbytes, local = numel * values.element_size(), rt.local_comm
+    rt.traffic.count_allreduce("hierarchical_neighbor_allreduce", nbytes, local.size)
+    rt.traffic.count_broadcast("hierarchical_neighbor_allreduce", nbytes, local.size, local.rank == 0)
     # On an error (a timeout) ``mean`` is not given back to the pool: MPI may still write into it.
     rt.watchdog.wait([rt.local_comm.Iallreduce(mpi_buffer(send), mpi_buffer(mean), op=MPI.SUM)],
                      "hierarchical_neighbor_allreduce: machine allreduce", nbytes=numel * mean.element_size())
@@ -106,11 +114,17 @@ def _gossip_between_machines(rt, mean: torch.Tensor, peers: StepPeers) -> None:
     """On a machine's leader: mean ← W_MM mean + Σ W_MM' s_M'M mean_M' over the leaders'
     communicator, in the memory MPI uses (the GPU's with a CUDA-aware MPI, pinned host otherwise)."""
     self_weight, sources, destinations = peers.self_weight, peers.src_weights, peers.dst_weights
+    sizes = rt.layout.machine_sizes
+    if sizes and min(sizes) != max(sizes):  # unequal machines (after a failure): keep the average over ranks
+        keep = min(sizes) / sizes[rt.machine_rank]
+        self_weight, sources = 1 - keep * (1 - self_weight), {src: keep * w for src, w in sources.items()}
     transport, numel = rt.transport, mean.numel()
     received = {src: transport.like(mean) for src in sources}
     scaled = {dst: torch.mul(mean, scale, out=transport.like(mean))
               for dst, scale in destinations.items() if scale != 1.0}
     transport.ready(mean)
+    rt.traffic.count_sends("hierarchical_neighbor_allreduce", numel * mean.element_size(), len(destinations),
+                           len(transport.chunk_spans(numel, mean.element_size())))
     requests = transport.exchange(rt.leaders_comm, list(received.items()),
                                   [(dst, scaled.get(dst, mean)) for dst in destinations], TAG)
     rt.watchdog.wait(requests, "hierarchical_neighbor_allreduce: gossip between machines",

@@ -162,6 +162,7 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, route: Route, out: 
     x = tensor.detach().contiguous()  # copies only a non-contiguous input; the input is never written
     flat = x.view(-1)
     n, d, device = flat.numel(), len(ex.sources), flat.device
+    _count(rt, route, ex, n, flat.element_size())
 
     if route.kind is RouteKind.SHARED_MEMORY:
         # neighbours read a tensor already in shared memory in place: the result must not overwrite it
@@ -211,6 +212,24 @@ def _start(rt: Runtime, tensor: torch.Tensor, ex: _Exchange, route: Route, out: 
 
     return Handle(requests, finish, what="neighbor_allreduce", peers=sorted({*ex.sources, *ex.destinations}),
                   nbytes=n * flat.element_size(), in_flight=rt.in_flight)
+
+
+def _count(rt: Runtime, route: Route, ex: _Exchange, n: int, itemsize: int) -> None:
+    """Count the exchange in the runtime's traffic (:mod:`gossip.transport._traffic`): the message to
+    each destination, in as many messages as it has chunks, and a dynamic exchange's 8-byte scales."""
+    traffic, destinations = rt.traffic, len(ex.destinations)
+    if route.kind is RouteKind.SHARED_MEMORY:
+        traffic.count_sends("neighbor_allreduce (shared memory)", n * itemsize, destinations)
+        return
+    if route.kind is RouteKind.PIPELINED:
+        chunks = -(-n // route.chunk_elements) if n else 1
+    elif ex.dynamic or route.message_chunks:
+        chunks = len(rt.transport.chunk_spans(n, itemsize))
+    else:
+        chunks = 1
+    traffic.count_sends("neighbor_allreduce", n * itemsize, destinations, chunks)
+    if ex.dynamic:
+        traffic.count_sends("neighbor_allreduce", 8, destinations)
 
 
 def _post_scales(comm: MPI.Comm, ex: _Exchange, scales: np.ndarray) -> list[MPI.Request]:
@@ -349,6 +368,8 @@ def neighbor_allgather(tensor: torch.Tensor) -> torch.Tensor:
     route = transport.route(x)
     send = transport.outgoing(x)
     recv = transport.receiving(result.view(-1))
+    chunks = len(transport.chunk_spans(n, x.element_size())) if route.message_chunks else 1
+    rt.traffic.count_sends("neighbor_allgather", n * x.element_size(), len(topo.destinations), chunks)
     if route.message_chunks:  # as neighbor_allreduce: chunks stream both ways
         requests = _post_chunks(rt, topo.dist_comm, send, recv, n, topo.sources, topo.destinations)
     else:

@@ -84,7 +84,9 @@ def recover(topology: Topology | None = None, *, timeout: float | None = None) -
     shrink waits for all of them (ULFM completes it despite further failures). ``timeout``
     (default: the op timeout, else none) bounds each agreement from the start of the recovery;
     past it, :class:`gossip.GossipError`. The callbacks registered with :func:`on_recover` run last,
-    in registration order. A rank that calls it revokes the runtime's communicators: peers still in
+    in registration order; a rank dying during their collectives makes the survivors recover again
+    (their callbacks run again, on the smaller job) and the record returned covers both. A rank
+    that calls it revokes the runtime's communicators: peers still in
     an op then raise :class:`gossip.RankFailure` and recover too.
     """
     rt = runtime.current()
@@ -121,13 +123,26 @@ def recover(topology: Topology | None = None, *, timeout: float | None = None) -
     record = Recovery(old_size=old.size, new_size=comm.size, ranks={o: n for n, o in enumerate(olds)},
                       failed=tuple(r for r in range(old.size) if r not in set(olds)),
                       seconds=time.perf_counter() - began, attempts=attempts)
-    for hook in list(rt.recover_hooks):
-        callback = hook()
-        if callback is None:  # a bound method of a collected object
-            rt.recover_hooks.remove(hook)
-        else:
-            callback(record)
+    try:
+        for hook in list(rt.recover_hooks):
+            callback = hook()
+            if callback is None:  # a bound method of a collected object
+                rt.recover_hooks.remove(hook)
+            else:
+                callback(record)
+    except RankFailure:  # another rank died during the callbacks' collectives: recover again, from here
+        left = limit if limit is None else max(0.0, limit - (time.perf_counter() - began))
+        return _compose(record, recover(topology, timeout=left))
     return record
+
+
+def _compose(first: Recovery, second: Recovery) -> Recovery:
+    """One record for two recoveries in a row (the second during the first's callbacks)."""
+    back = {new: old for old, new in first.ranks.items()}
+    return Recovery(old_size=first.old_size, new_size=second.new_size,
+                    ranks={old: second.ranks[new] for old, new in first.ranks.items() if new in second.ranks},
+                    failed=tuple(sorted((*first.failed, *(back[r] for r in second.failed)))),
+                    seconds=first.seconds + second.seconds, attempts=first.attempts + second.attempts)
 
 
 def on_recover(callback: Callable[[Recovery], object]) -> Callable[[], None]:

@@ -239,6 +239,9 @@ class Window:
         what = f"window {self.name!r} {'accumulate' if accumulate else 'put'}"
         host = self._host(self.tensor if tensor is None else tensor)
         weights = self._weights(dst_weights, self.destinations, "destinations")
+        # the slot and its 8-byte version counter to each destination
+        self._runtime.traffic.count_sends(f"window {'accumulate' if accumulate else 'put'}", self._slot_bytes + 8,
+                                          len(weights), chunks=2)
         requests = []
         for dst, weight in weights.items():
             data = host if weight == 1.0 else np.multiply(host, weight, out=self._scratch if self.mutex else None)
@@ -298,6 +301,7 @@ class Window:
         """Fetch each in-neighbour j's published tensor, scaled by ``src_weights[j]`` (default 1,
         every in-neighbour), into this rank's buffer for j; bump j's version counter here."""
         weights = self._weights(src_weights, self.sources, "sources")
+        self._runtime.traffic.count_sends("window get", self._slot_bytes, len(weights))  # moved by this call
         fetched = {}
         for src in weights:
             into = self._fetched[self._slot_of[src] - 1]

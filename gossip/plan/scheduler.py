@@ -26,7 +26,9 @@ one-peer and hierarchical gossip, which move one model copy per step instead of 
 
 :func:`rank_candidates` is the pure part (no MPI), which ``benchmarks/simulate_scale.py`` reuses
 with cluster profiles. :class:`Scheduler` is a :class:`gossip.plan.schedule.Schedule`: pass it to any
-optimizer as ``topology=``; ``describe()`` lists the candidates and why the choice was made.
+optimizer as ``topology=``; ``describe()`` lists the candidates and why the choice was made. After a
+rank failure and ``gossip.recover()``, :meth:`Scheduler.resized` keeps the choice (and H) and
+rebuilds its schedule for the survivors; it does not weigh the candidates again.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ class Scheduler(Schedule):
         if chosen.name == ALLREDUCE:
             schedule: Schedule = AllreduceSchedule()
         elif chosen.name == EXPONENTIAL:
-            schedule = StaticSchedule(exponential_two(n))
+            schedule = StaticSchedule(exponential_two)  # the builder: gossip.recover() rebuilds it for the survivors
         elif chosen.name == ONE_PEER:
             schedule = DynamicSchedule(OnePeerExponentialTwo(n))
         else:
@@ -201,6 +203,16 @@ class Scheduler(Schedule):
     def plan(self, step: int) -> Plan:
         return self.schedule.plan(step)
 
+    def resized(self) -> Scheduler:
+        """The same choice rebuilt for the job's current ranks (after ``gossip.recover()``): the
+        candidates stay those weighed for the :attr:`cost` model's size."""
+        schedule = self.schedule.resized()
+        if schedule is self.schedule:
+            return self
+        return Scheduler(schedule, self.candidates, self.cost, self.model_bytes, self.compute_seconds, self.min_saving)
+
     def describe(self) -> str:
-        return (f"auto: {self.schedule.describe()}\n"
+        size = runtime.size()
+        rebuilt = f" (chosen for {self.cost.size} ranks, rebuilt for {size})" if size != self.cost.size else ""
+        return (f"auto: {self.schedule.describe()}{rebuilt}\n"
                 f"{describe_candidates(self.candidates, self.compute_seconds, self.min_saving)}")

@@ -8,11 +8,14 @@ Datasets that need no download (compute nodes are often offline):
   40-feature sequences generated locally by the ``mnist1d`` package from its built-in templates
   (harder than digits; optional).
 - ``synthetic_classification()``: Gaussian class clusters of any size (for scaling runs).
+- ``load_python_source()``: character-level language modelling on the Python standard library's
+  own ``.py`` files (every machine with Python has them), split by file into train and validation.
 
 Each returns ``Split(x_train, y_train, x_test, y_test)`` as float32/int64 tensors, identical on
-every rank for the same seed. ``partition()`` splits the training indices across ranks, iid or
-label-skewed with Dirichlet(α) class proportions (Hsu, Qi, Brown, arXiv 1909.06335, 2019): small α
-gives each rank a few dominant classes, the heterogeneity the decentralized analyses call b².
+every rank for the same seed (the text: a :class:`TextSplit` of int64 byte windows).
+``partition()`` splits the training indices across ranks, iid or label-skewed with Dirichlet(α)
+class proportions (Hsu, Qi, Brown, arXiv 1909.06335, 2019): small α gives each rank a few dominant
+classes, the heterogeneity the decentralized analyses call b².
 ``BatchStream`` then draws one rank's mini-batches from its shard, reshuffling every local epoch;
 its batch size may change from one batch to the next. ``ScheduledBatchSampler`` does the same for a
 ``torch.utils.data.DataLoader``: a batch sampler whose batch t has a size fixed in advance (e.g. the
@@ -22,6 +25,10 @@ while the size changes.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sysconfig
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -101,15 +108,120 @@ def synthetic_classification(samples: int = 10000, features: int = 64, classes: 
     return _stratified_split(x, y, test_fraction, seed)
 
 
+class TextSplit(Split):
+    """A :class:`Split` of token windows for next-token prediction: x and y int64 of shape
+    (windows, context), y[:, t] the token after x[:, t] (y is x shifted left by one). The tokens are
+    bytes, so the vocabulary is fixed: ids 0..255, none unknown."""
+
+    __slots__ = ()
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run over 0..vocab_size-1 (256: the byte values)."""
+        return 256
+
+    @property
+    def num_classes(self) -> int:
+        """The classes of each next-token prediction: the vocabulary."""
+        return self.vocab_size
+
+    @property
+    def context(self) -> int:
+        """Tokens per window (the model's sequence length)."""
+        return int(self.x_train.shape[1])
+
+
+_NOT_SOURCE = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+
+
+def python_source_files(validation_fraction: float = 0.1, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """The standard library's ``.py`` files, split by file: (train, validation), each in a seeded order.
+
+    The files are those under ``sysconfig.get_paths()["stdlib"]`` outside installed packages and the
+    test suites (directories named site-packages, dist-packages, test, tests, idle_test). A file
+    goes to validation when the SHA-256 of ``"{seed}:{relative path}"``, read as a fraction of
+    2^64, is below ``validation_fraction``: each file's side depends only on its path and the seed,
+    not on which other files exist. Each side is then shuffled by ``numpy.random.default_rng(seed)``
+    from its sorted order.
+    """
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = [d for d in subdirectories if d not in _NOT_SOURCE]
+        found += [Path(directory, name).relative_to(root).as_posix() for name in names if name.endswith(".py")]
+    if not found:
+        raise FileNotFoundError(f"no .py files under the standard library's directory {root}")
+    sides: tuple[list[str], list[str]] = ([], [])
+    for relative in sorted(found):
+        digest = hashlib.sha256(f"{seed}:{relative}".encode()).digest()
+        sides[int.from_bytes(digest[:8], "big") < validation_fraction * 2**64].append(relative)
+    rng = np.random.default_rng(seed)
+    train, validation = ([root / side[k] for k in rng.permutation(len(side))] for side in sides)
+    return train, validation
+
+
+def _read_until(files: list[Path], limit: int) -> bytes:
+    """The files' bytes concatenated in order, cut at ``limit`` bytes (files past it are not read)."""
+    pieces, total = [], 0
+    for path in files:
+        if total >= limit:
+            break
+        piece = path.read_bytes()[: limit - total]
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
+
+
+def _windows(text: bytes, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of ``context + 1`` bytes every ``context`` bytes (each byte after the first is one
+    target once): x = window[:-1], y = window[1:], int64 of shape (windows, context)."""
+    tokens = np.frombuffer(text, dtype=np.uint8)
+    count = (len(tokens) - 1) // context
+    if count < 1:
+        raise ValueError(f"{len(tokens)} bytes of text make no window of {context + 1} tokens")
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, context + 1)[::context][:count].astype(np.int64)
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    return as_tensor(windows[:, :-1]), as_tensor(windows[:, 1:])
+
+
+def load_python_source(context: int = 128, max_train_chars: int = 2_000_000, max_val_chars: int = 100_000,
+                       validation_fraction: float = 0.1, seed: int = 0) -> TextSplit:
+    """Byte-level language modelling on the standard library's source, split by file.
+
+    The files of :func:`python_source_files` are read as bytes (UTF-8, nearly all ASCII, so a byte
+    is nearly always a character) and concatenated in their seeded order, the train side up to
+    ``max_train_chars`` bytes and the validation side up to ``max_val_chars`` (the last file cut
+    there, later files not read), then cut into windows (:class:`TextSplit`). No file contributes
+    to both sides, so the validation loss measures generalisation to unseen modules.
+
+    The text is the same on every rank and on every machine with the same Python release and the
+    same set of standard-library files; another release (its files change), or a distribution that
+    ships parts of the library as separate packages (e.g. Debian's tkinter or lib2to3), gives other
+    text. ``seed`` chooses the split and the order.
+    """
+    if context < 1 or max_train_chars < context + 1 or max_val_chars < context + 1:
+        raise ValueError(f"need context >= 1 and at least context + 1 = {context + 1} characters on each side, "
+                         f"got context={context}, max_train_chars={max_train_chars}, max_val_chars={max_val_chars}")
+    train_files, validation_files = python_source_files(validation_fraction, seed)
+    x_train, y_train = _windows(_read_until(train_files, max_train_chars), context)
+    x_val, y_val = _windows(_read_until(validation_files, max_val_chars), context)
+    return TextSplit(x_train, y_train, x_val, y_val)
+
+
 def partition(labels: np.ndarray | torch.Tensor, parts: int, alpha: float | None = None, seed: int = 0,
               min_size: int = 1, max_tries: int = 1000) -> list[np.ndarray]:
     """Split sample indices into ``parts`` disjoint shards covering every sample.
 
-    ``alpha=None`` (or inf): iid, equal sizes up to one. Otherwise for each class the shares of the
+    ``alpha=None`` (or inf): iid, equal sizes up to one (only ``len(labels)`` is read, so the
+    (windows, context) targets of a :class:`TextSplit` do). Otherwise for each class the shares of the
     parts are drawn from Dirichlet(α, ..., α) and the class's samples cut accordingly; the draw is
     repeated until every part has at least ``min_size`` samples. Deterministic in ``seed``.
     """
     labels = np.asarray(labels)
+    if alpha is not None and not np.isinf(alpha) and labels.ndim != 1:
+        raise ValueError(f"a Dirichlet(alpha) split needs one class label per sample (1-D), got shape {labels.shape}")
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
     if parts * min_size > len(labels):

@@ -35,6 +35,7 @@ from gossip.transport._buffers import BufferPool, mpi_buffer
 from gossip.transport._route import Route, RouteKind
 from gossip.transport._shared_memory import NodeMemory
 from gossip.transport._staging import StagingPipeline
+from gossip.transport._traffic import Traffic
 from gossip.transport._waiting import Watchdog
 from gossip.transport.mpi_settings import DEFAULT_CHUNK_BYTES
 
@@ -228,4 +229,4 @@ class Transport:
         return staging
 
 
-__all__ = ["Route", "RouteKind", "Transport", "detect_cuda_aware"]
+__all__ = ["Route", "RouteKind", "Traffic", "Transport", "detect_cuda_aware"]

@@ -335,7 +335,8 @@ def test_schedules_and_bad_input():
     assert set(algorithms.available()) == {"dsgd", "dsgd-awc", "dmsgd", "decentlam", "pmsgd", "awc-dmsgd",
                                            "da-dmsgd", "qg-dmsgd", "d2", "gradient-tracking", "sgp", "local-sgd",
                                            "mavg", "bmuf", "slowmo", "cr-psgd", "cr-psgd-catalyst",
-                                           "asgd", "asgdm", "ormo", "ormo-da", "adpsgd"}
+                                           "asgd", "asgdm", "ormo", "ormo-da", "adpsgd", "diloco",
+                                           "streaming-diloco", "choco-sgd"}
     if N >= 4 and N % 2 == 0:  # the even ring has lambda_min = -1/3 exactly: D² must refuse it
         for topology, match in ((topologies.ring(N), "lambda_min"), (topologies.exponential_two(N), "symmetric"),
                                 (topologies.OnePeerExponentialTwo(N), "static")):

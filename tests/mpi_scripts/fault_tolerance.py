@@ -134,15 +134,31 @@ def dynamic_expected(rows: np.ndarray, step: int) -> np.ndarray:
 
 
 def hierarchical_step(x: torch.Tensor, step: int) -> torch.Tensor:
-    return gossip.hierarchical_neighbor_allreduce(x)
+    return gossip.hierarchical_neighbor_allreduce(x) + 0.01 * (ORIGIN + 1)  # the ranks keep differing
+
+
+def machine_mixing(machine_of: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The machine-level matrix hierarchical gossip applies to the machines' means: W itself for machines
+    of equal size; for sizes s, neighbours' weights times s_min/s_M and 1 − (1 − W_MM) s_min/s_M on the
+    diagonal, which keeps Σ_M s_M m_M (the sum over ranks)."""
+    sizes = np.bincount(machine_of)
+    keep = sizes.min() / sizes
+    mixed = keep[:, None] * w
+    np.fill_diagonal(mixed, 1 - keep * (1 - np.diag(w)))
+    return mixed
 
 
 def hierarchical_expected(rows: np.ndarray, step: int) -> np.ndarray:
     machine_of = np.array(TEST.allgather(gossip.machine_rank()))
     machines = gossip.machine_size()
     means = np.stack([rows[machine_of == m].mean(axis=0) for m in range(machines)])
-    mixed = topologies.to_matrix(topologies.exponential_two(machines)) @ means
-    return mixed[machine_of]
+    mixed = machine_mixing(machine_of, topologies.to_matrix(topologies.exponential_two(machines))) @ means
+    shift = 0.01 * (np.array(TEST.allgather(ORIGIN)) + 1)
+    expected = mixed[machine_of] + shift[:, None]
+    if gossip.machine_size() > 1 and min(np.bincount(machine_of)) != max(np.bincount(machine_of)):
+        sizes = np.bincount(machine_of)  # the sum over ranks is kept (up to the shift each rank adds)
+        assert np.allclose((sizes[:, None] * mixed).sum(0), (sizes[:, None] * means).sum(0))
+    return expected
 
 
 def allreduce_step(x: torch.Tensor, step: int) -> torch.Tensor:

@@ -19,11 +19,24 @@ def _layout() -> np.ndarray:
     return np.array(GROUP.allgather(gossip.machine_rank()))
 
 
+def _sized(w: np.ndarray, machine_of: np.ndarray) -> np.ndarray:
+    """What hierarchical gossip applies to the machine means for machine-level W: W itself on machines of
+    equal size; for sizes s, off-diagonal rows scaled by s_min/s_M and the diagonal 1 − (1 − W_MM)s_min/s_M
+    (row-stochastic with sᵀW̃ = sᵀ: the average over ranks is kept)."""
+    sizes = np.bincount(machine_of)
+    keep = sizes.min() / sizes
+    sized = keep[:, None] * w
+    np.fill_diagonal(sized, 1 - keep * (1 - np.diag(w)))
+    if sizes.min() != sizes.max():
+        assert np.allclose(sizes @ sized, sizes) and np.allclose(sized.sum(1), 1)
+    return sized
+
+
 def _expected(x: torch.Tensor, w: np.ndarray) -> np.ndarray:
     everyone = np.stack(GROUP.allgather(x.detach().double().cpu().numpy().reshape(-1)))
     machine_of = _layout()
     means = np.stack([everyone[machine_of == m].mean(axis=0) for m in range(gossip.machine_size())])
-    return (w @ means)[gossip.machine_rank()]
+    return (_sized(w, machine_of) @ means)[gossip.machine_rank()]
 
 
 def test_machine_layout_is_consistent():
@@ -69,6 +82,8 @@ def test_one_machine_is_the_global_average_and_repeats_reach_consensus():
     sizes = np.bincount(_layout())  # ranks per machine (one collective, on every rank)
     if gossip.machine_size() & (gossip.machine_size() - 1) == 0 and len(set(sizes)) == 1:
         assert np.allclose(y.cpu().numpy(), mean, atol=1e-10)  # equal machines, a power of two: exact
+    if gossip.machine_size() == 2 and len(set(sizes)) == 2:  # unequal machines: the average over ranks, not machines
+        assert np.allclose(y.cpu().numpy(), mean, atol=1e-5), (y, mean)
 
 
 def test_bad_input_raises_on_every_rank():
@@ -83,7 +98,7 @@ def test_bad_input_raises_on_every_rank():
 
 
 def test_dsgd_on_a_hierarchical_schedule_follows_its_equation():
-    """x ← W_h (x − γ g) with W_h[i, j] = W_machines(k)[M(i), M(j)] / |M(j)|, step by step."""
+    """x ← W_h (x − γ g) with W_h[i, j] = W̃_machines(k)[M(i), M(j)] / |M(j)|, step by step (W̃: :func:`_sized`)."""
     machine_of = _layout()
     sizes = np.bincount(machine_of)
     family = topologies.OnePeerExponentialTwo(gossip.machine_size())
@@ -92,6 +107,6 @@ def test_dsgd_on_a_hierarchical_schedule_follows_its_equation():
                                   lambda k: topologies.to_matrix(topologies.ring(gossip.machine_size()))),
                                  (schedule_for("hierarchical"), family.mixing_matrix)):
         assert "hierarchical" in schedule.describe()
-        dsgd_follows(schedule, lambda step, w=w_machines: w(step)[machine_of][:, machine_of]
+        dsgd_follows(schedule, lambda step, w=w_machines: _sized(w(step), machine_of)[machine_of][:, machine_of]
                      / sizes[machine_of][None, :], steps=4, seed=2)
     expect_error(lambda: HierarchicalSchedule(topologies.ring(gossip.machine_size() + 3)), "machine topology has")
