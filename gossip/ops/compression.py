@@ -341,7 +341,21 @@ def _check_fraction(fraction: float) -> float:
     return float(fraction)
 
 
-class TopK(Compressor):
+class _Sparse:
+    """Decoding shared by the sparse compressors: ``_unpack`` gives (indices, values); the rest is zero."""
+
+    def decompress(self, message, out, dtype=None):
+        indices, values = self._unpack(message, out.numel(), dtype or out.dtype)
+        out.zero_()
+        out[indices] = values.to(out.dtype)
+        return out
+
+    def decompress_add(self, message, acc, weight=1.0, dtype=None):
+        indices, values = self._unpack(message, acc.numel(), dtype or acc.dtype)
+        return acc.index_add_(0, indices, values.to(acc.dtype), alpha=weight)
+
+
+class TopK(_Sparse, Compressor):
     """The k = ⌈``fraction`` · n⌉ elements of largest magnitude, exactly: their int32 indices
     (ascending) and values in the tensor's dtype; the rest are zero (Stich et al., NeurIPS 2018)."""
 
@@ -384,18 +398,9 @@ class TopK(Compressor):
         indices, values = self._sections(message, numel, dtype)
         return indices.long(), values
 
-    def decompress(self, message, out, dtype=None):
-        indices, values = self._unpack(message, out.numel(), dtype or out.dtype)
-        out.zero_()
-        out[indices] = values.to(out.dtype)
-        return out
-
-    def decompress_add(self, message, acc, weight=1.0, dtype=None):
-        indices, values = self._unpack(message, acc.numel(), dtype or acc.dtype)
-        return acc.index_add_(0, indices, values.to(acc.dtype), alpha=weight)
 
 
-class RandomK(_Random):
+class RandomK(_Sparse, _Random):
     """k = ⌈``fraction`` · n⌉ elements at random indices, the same on every rank that shares
     ``seed``: the indices are drawn from (``seed``, the message's round number), so the message
     carries only the round (8 bytes, int64) and the values in the tensor's dtype. Each
@@ -441,15 +446,6 @@ class RandomK(_Random):
         header, values = _sections(message, [(torch.int64, 1), (dtype, self.kept(numel))])
         return self.indices(int(header.item()), numel, message.device), values
 
-    def decompress(self, message, out, dtype=None):
-        indices, values = self._unpack(message, out.numel(), dtype or out.dtype)
-        out.zero_()
-        out[indices] = values.to(out.dtype)
-        return out
-
-    def decompress_add(self, message, acc, weight=1.0, dtype=None):
-        indices, values = self._unpack(message, acc.numel(), dtype or acc.dtype)
-        return acc.index_add_(0, indices, values.to(acc.dtype), alpha=weight)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "round": self.round}

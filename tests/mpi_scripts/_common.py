@@ -85,3 +85,15 @@ def assert_close(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype,
     assert err <= TOLERANCE[dtype] * scale, (
         f"rank {GROUP.rank}: {what} ({dtype}) off by {err:.3g}; got {got[:4]}..., want {want[:4]}..."
     )
+
+
+def take_steps(opt, model: torch.nn.Module, steps, loss_of) -> list[torch.Tensor]:
+    """Take the optimizer steps ``steps`` (step indices: ``loss_of(model, k)`` picks step k's batch);
+    the flat parameters after each."""
+    out = []
+    for k in steps:
+        opt.zero_grad()
+        loss_of(model, k).backward()
+        opt.step()
+        out.append(opt.x.clone())
+    return out

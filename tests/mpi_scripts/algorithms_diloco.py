@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import torch
-from _common import GROUP, Skip, device, expect_error, param
+from _common import GROUP, Skip, device, expect_error, param, take_steps
 
 import algorithms
 import gossip
@@ -50,13 +50,7 @@ def gather(t: torch.Tensor) -> np.ndarray:
 
 
 def train(opt, model, steps) -> list[torch.Tensor]:
-    out = []
-    for k in steps:
-        opt.zero_grad()
-        loss_of(model, k).backward()
-        opt.step()
-        out.append(opt.x.clone())
-    return out
+    return take_steps(opt, model, steps, loss_of)
 
 
 # --- the NumPy reference ------------------------------------------------------------------------

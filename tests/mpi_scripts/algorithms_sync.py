@@ -7,7 +7,7 @@ mixing matrix W(k) from the topology); the gathered parameters must follow it to
 
 import numpy as np
 import torch
-from _common import GROUP, device, param
+from _common import GROUP, device, param, take_steps
 
 import algorithms
 import gossip
@@ -227,13 +227,7 @@ def test_gossip_pga_replaces_every_h_th_step_with_a_global_average():
 
 def train_steps(opt, model, steps) -> list[torch.Tensor]:
     """Take the steps ``steps`` (step indices: each picks its batch); the parameters after each."""
-    out = []
-    for k in steps:
-        opt.zero_grad()
-        loss_of(model, k).backward()
-        opt.step()
-        out.append(opt.x.clone())
-    return out
+    return take_steps(opt, model, steps, loss_of)
 
 
 def trajectory(name, hyper, steps=5, seed=3, **comm):
