@@ -20,6 +20,12 @@ launcher is killed: a reaper process in its own session holds a pipe from the la
 the cluster down when that pipe closes, however the launcher ended. Namespaces left by a launcher
 that is no longer alive (say the host lost power mid-job) are removed by the next emulated job.
 
+A machine can be made to die as a real one does (:func:`kill_machine`, for testing fault tolerance):
+its link goes down, then everything on it (its ranks and Open MPI's daemon) is killed with
+SIGKILL, so its peers get no FIN or RST; the ssh stand-in that started its daemon hangs from then
+on, as an ssh client does whose peer went silent, instead of reporting the daemon's end to
+``mpirun``.
+
 Bad input is refused before anything is created: not root, not Linux, ``ip``/``tc``/``unshare``
 missing, network namespaces or the ``tbf`` qdisc unavailable, an unparsable rate or shape, or
 M×R different from ``-np``.
@@ -174,6 +180,46 @@ def _kill_members(namespace: str) -> None:
         time.sleep(0.05)
 
 
+def _dead_machines(tag: str) -> Path:
+    """Where :func:`kill_machine` marks the machines of cluster ``tag`` it killed (one empty file each)."""
+    return Path(tempfile.gettempdir()) / f"{PREFIX}{tag}" / "dead"
+
+
+def machine_namespace(tag: str, machine: int) -> str:
+    """The network namespace of machine ``machine`` of the emulated cluster ``tag`` (the launcher's pid)."""
+    return f"{PREFIX}{tag}-m{machine}"
+
+
+def switch_namespace(tag: str) -> str:
+    """The namespace of the switch (the bridge every machine's link plugs into) of cluster ``tag``."""
+    return f"{PREFIX}{tag}-sw"
+
+
+def machine_pids(tag: str, machine: int) -> list[int]:
+    """The processes running on machine ``machine`` of the emulated cluster ``tag`` (none once it is gone)."""
+    listing = _ip("netns", "pids", machine_namespace(tag, machine), check=False).stdout
+    return [int(p) for p in listing.split() if p.isdigit()]
+
+
+def kill_machine(tag: str, machine: int) -> float:
+    """Make machine ``machine`` of the emulated cluster ``tag`` die as a real one does; returns when
+    it died (``time.time()``, taken after the link went down and before the first SIGKILL).
+
+    First its link goes down (its switch port is set down: from then on nothing it sends reaches
+    anyone and nothing reaches it, so no FIN or RST tells its peers that its connections are
+    gone), then every process on it is killed with SIGKILL: its ranks and Open MPI's daemon
+    (``prted``) die together, as in a power loss. Killing machine 0, where ``mpirun`` runs, ends
+    the job. Raises :class:`EmulationError` if the machine does not exist."""
+    namespace = machine_namespace(tag, machine)
+    if namespace not in _namespaces():
+        raise EmulationError(f"no emulated machine {machine} in cluster {tag} (no namespace {namespace})")
+    (_dead_machines(tag) / namespace).touch()  # its ssh stand-in hangs from now on instead of ending
+    _ip("-n", switch_namespace(tag), "link", "set", f"port{machine}", "down")
+    died = time.time()
+    _kill_members(namespace)
+    return died
+
+
 def remove(tag: str) -> None:
     """Remove every namespace of the emulated cluster ``tag`` (killing what runs in them) and its files."""
     for namespace in _namespaces():
@@ -204,12 +250,23 @@ exec ip netns exec "$ns" unshare --uts --mount --propagation private \\
 
 _AGENT = """#!/bin/sh
 # An ssh stand-in for mpirun: AGENT HOST remote-command... runs the command on emulated machine HOST.
+# Like an ssh client, it stays on the launching machine while the command runs, and ends with its
+# status; if HOST died (kill_machine), it hangs as an ssh client does on a link that went silent,
+# until the cluster is removed.
 host=$1; shift
 case "$host" in
 {cases}
   *) echo "gossiprun --emulate: no emulated machine named $host" >&2; exit 255 ;;
 esac
-exec {enter} "$ns" "$host" sh -c "$*"
+exec 3<&0
+{enter} "$ns" "$host" sh -c "$*" <&3 3<&- &
+remote=$!
+exec 3<&-
+trap 'kill -TERM $remote 2>/dev/null' TERM HUP INT
+wait $remote 2>/dev/null
+status=$?
+while [ -e {dead}/"$ns" ] && [ -d {dead} ]; do sleep 1; done
+exit $status
 """
 
 
@@ -225,14 +282,15 @@ class EmulatedCluster:
         self.machines = machines
         self.rate_bits = rate_bits
         self.tag = tag or str(os.getpid())
-        self.switch = f"{PREFIX}{self.tag}-sw"
-        self.namespaces = [f"{PREFIX}{self.tag}-m{k}" for k in range(machines)]
+        self.switch = switch_namespace(self.tag)
+        self.namespaces = [machine_namespace(self.tag, k) for k in range(machines)]
         self.hostnames = [f"node{k}" for k in range(machines)]
         self.addresses = [f"{SUBNET}.{k + 1}" for k in range(machines)]
         self.directory = Path(tempfile.gettempdir()) / f"{PREFIX}{self.tag}"
         self.enter_script = self.directory / "enter"
         self.agent_script = self.directory / "agent"
         self.hostfile = self.directory / "hostfile"
+        self.dead = _dead_machines(self.tag)
 
     def __enter__(self) -> EmulatedCluster:
         self.create()
@@ -270,7 +328,9 @@ class EmulatedCluster:
             _tc(self.switch, "qdisc", "add", "dev", port, "root", "tbf", *shaping)  # what machine k receives
         self.enter_script.write_text(_ENTER.format(hosts=shlex.quote(str(hosts))))
         cases = "\n".join(f"  {h}) ns={n} ;;" for h, n in zip(self.hostnames, self.namespaces, strict=True))
-        self.agent_script.write_text(_AGENT.format(cases=cases, enter=shlex.quote(str(self.enter_script))))
+        self.dead.mkdir(mode=0o755)
+        self.agent_script.write_text(_AGENT.format(cases=cases, enter=shlex.quote(str(self.enter_script)),
+                                                   dead=shlex.quote(str(self.dead))))
         for script in (self.enter_script, self.agent_script):
             script.chmod(0o755)
 
