@@ -72,7 +72,7 @@ def main() -> int:
         at, records, how = checkpoints.resume()
         say(how)
     log = Log(args.log_dir, vars(args), records)
-    elastic = Elastic(args, data, plan) if args.elastic or args.inject_failure else None
+    elastic = Elastic(args, plan) if args.elastic or args.inject_failure else None
     batches = (f"{args.batch_size} per rank per step" if not run.growing else
                f"batches growing {run.batch_sizes[0]} -> {max(run.batch_sizes)} per rank")
     where = f" on {args.topology}" if takes_topology(args) else ""

@@ -173,12 +173,17 @@ def rederive(saved: dict, ranks: int, sizes: list[int], epochs: list[range], str
         while step < epochs[epoch].stop and (drawn + sizes[step]) * n <= target:
             drawn, step = drawn + sizes[step], step + 1
     per_step = saved["loss_sum"] / saved["epoch_steps"] if saved["epoch_steps"] else torch.zeros(())
-    consumed, shard = sum(sizes[:step]), len(stream.x)
-    data = {"epoch": consumed // shard, "position": consumed % shard, "seed": stream.seed,
-            "batch_size": sizes[min(step, len(sizes) - 1)]}
+    data = stream_state_at(sizes, step, stream)
     into = f", {plural(step - first, 'step')} into epoch {epoch + 1}" if step > first else ""
     where = f"after epoch {epoch}{into}"
     return Position(epoch, step, per_step * (step - first), saved["taken"]), data, where
+
+
+def stream_state_at(sizes: list[int], step: int, stream) -> dict:
+    """The state of ``stream`` (this rank's shard) in a run with per-step batch ``sizes`` before ``step``."""
+    consumed, shard = sum(sizes[:step]), len(stream.x)
+    return {"epoch": consumed // shard, "position": consumed % shard, "seed": stream.seed,
+            "batch_size": sizes[min(step, len(sizes) - 1)]}
 
 
 def check_resumable(args: argparse.Namespace, saved: checkpoint.Saved, n: int) -> None:

@@ -31,14 +31,11 @@ import signal
 import sys
 import time
 
-import networkx as nx
 import torch
-from train_checkpoints import Position, rederive
+from train_checkpoints import Position, rederive, stream_state_at
 from train_settings import injected_failures, plural, say
 
 import gossip
-import topologies
-from gossip.tools.data import Split
 
 FAILED = 4  # train.py's exit status when a rank died and --elastic was not given
 
@@ -61,8 +58,8 @@ def end_without_elastic(failure: gossip.RankFailure, taken: int) -> int:
 class Elastic:
     """The survivors' side of a failure (module docstring); ``origins[r]`` is the launch rank of rank r."""
 
-    def __init__(self, args: argparse.Namespace, data: Split, plan_run) -> None:
-        self.args, self.data, self.plan_run = args, data, plan_run
+    def __init__(self, args: argparse.Namespace, plan_run) -> None:
+        self.args, self.plan_run = args, plan_run
         self.origins = list(range(gossip.size()))
         self.failures: list[dict] = []
         self.kill_at = injected_failures(args).get(gossip.rank()) if args.inject_failure else None
@@ -74,23 +71,12 @@ class Elastic:
                   f"(at {time.time():.6f} s)", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def topology_builder(self):
-        """``--topology`` for any number of ranks when it is a static graph by name, else None (the
-        runtime keeps its own builder; time-varying families are rebuilt by the optimizers)."""
-        name = self.args.topology
-        if name in ("hierarchical", "auto"):
-            return None
-        if not isinstance(topologies.by_name(name, gossip.size(), seed=self.args.seed,
-                                             local_size=gossip.local_size()), nx.DiGraph):
-            return None
-        return lambda m: topologies.by_name(name, m, seed=self.args.seed, local_size=gossip.local_size())
-
     def carry_on(self, failure: gossip.RankFailure, at: Position, run):
         """Collective over the survivors after ``failure``: recover, agree on the position, re-plan the
         run for the survivors; returns (the position, the new run plan). ``at`` is this rank's
         position, ``run`` its plan (stream, batch sizes, epochs) at the failure."""
         noticed, began = time.time(), time.perf_counter()
-        record = gossip.recover(topology=self.topology_builder())
+        record = gossip.recover()  # --topology is rebuilt from the builder train_support.make_topology gave
         failed = sorted(self.origins[r] for r in record.failed)
         self.origins = [self.origins[old] for old in sorted(record.ranks, key=record.ranks.get)]
         # where every survivor stands, in the old plan: (epoch, step) ordered, and this rank's loss so far
@@ -105,9 +91,7 @@ class Elastic:
         new = self.plan_run(gossip.size(), gossip.rank())
         if new.growing:  # the optimizer fixed the per-step batch sizes: keep the steps, move the data
             position = Position(epoch, step, loss_sum if at.epoch == epoch else torch.zeros(()), taken)
-            consumed, shard = sum(new.batch_sizes[:step]), len(new.stream.x)
-            data = {"epoch": consumed // shard, "position": consumed % shard, "seed": new.stream.seed,
-                    "batch_size": new.batch_sizes[min(step, len(new.batch_sizes) - 1)]}
+            data = stream_state_at(new.batch_sizes, step, new.stream)
         else:
             position, data, _ = rederive(saved, record.old_size, new.batch_sizes, new.epochs, new.stream)
         new.stream.load_state_dict(data)
