@@ -26,8 +26,10 @@ from algorithms.qg_dmsgd import QGDmSGD
 from algorithms.registry import AlgorithmSpec, available, create, markdown_table, spec, specs
 from algorithms.sgp import SGP
 from algorithms.slowmo import BMUF, MAVG, OuterMomentum, SlowMo
+from algorithms.wrapper import GossipWrapper, GossipWrapperByName
 
 __all__ = ["AWCDmSGD", "AlgorithmSpec", "AsynchronousGossipSGD", "AsynchronousSGD", "BMUF", "CRPSGD", "ChocoSGD",
            "CRPSGDCatalyst", "D2", "DADmSGD", "DSGD", "DecentLaM", "DecentralizedOptimizer", "DiLoCo", "DmSGD",
-           "GradientTracking", "LocalSGD", "MAVG", "OuterMomentum", "PmSGD", "QGDmSGD", "SGP", "SlowMo",
-           "StreamingDiLoCo", "available", "create", "growing_batch_sizes", "markdown_table", "spec", "specs"]
+           "GossipWrapper", "GossipWrapperByName", "GradientTracking", "LocalSGD", "MAVG", "OuterMomentum", "PmSGD",
+           "QGDmSGD", "SGP", "SlowMo", "StreamingDiLoCo", "available", "create", "growing_batch_sizes",
+           "markdown_table", "spec", "specs"]

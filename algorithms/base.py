@@ -67,6 +67,7 @@ anything, so an interrupted one leaves the outer state as it was.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import networkx as nx
@@ -321,6 +322,21 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         agreed = gossip.broadcast(message, root=leader)
         for tensor, value in zip(tensors, agreed.split([t.numel() for t in tensors]), strict=True):
             tensor.copy_(value)
+
+    @staticmethod
+    def _adopt_state(leader: int, state: dict | None) -> dict:
+        """Collective: ``leader``'s ``state`` (a dict of tensors and ``state_dict()``s, given on the leader
+        only) on every rank, serialized with ``torch.save`` and sent in one broadcast after its size."""
+        data = torch.empty(0, dtype=torch.uint8)
+        if gossip.rank() == leader:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        size = gossip.broadcast(torch.tensor([data.numel()], dtype=torch.int64), root=leader)
+        if gossip.rank() != leader:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        data = gossip.broadcast(data, root=leader)
+        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
 
     # --- what outer loops (SlowMo, BMUF) use ---------------------------------------------------
 

@@ -41,16 +41,23 @@ the ranks' start points differ, so each rank mixes the *models*: Δ_i = θ_i −
 own θ_i and outer state; with outer SGD(lr 1, momentum 0) that is periodic gossip averaging of local
 SGD (mixing pseudo-gradients instead would never contract the differences between the θ_i).
 
-Communication is one fused message per fragment round. With the exact average it completes within
-the step (the allreduce plan blocks); neighbour averaging runs nonblocking for the τ steps of the
-overlap. ``state_dict()`` finishes the averages in flight (their results do not depend on when they
-are waited for) and saves them; a resumed optimizer merges them at the same steps, bitwise.
+Communication is one fused message per fragment round, started at the fragment's sync step and
+waited for at its merge τ steps later, as the paper overlaps it: the exact average is one
+``MPI_Iallreduce`` (:func:`gossip.allreduce_async`, also for the exact rounds of a
+:class:`gossip.plan.schedule.PeriodicGlobalAverage` or of a scheduler's choice), neighbour averaging
+a nonblocking neighbour exchange; both proceed while the ranks take their inner steps, and the
+merged values are those a blocking average at the sync step would give, bitwise. Hierarchical
+rounds complete their machine allreduce at the start and overlap the exchange between machines.
+``state_dict()`` finishes the averages in flight (their results do not depend on when they are
+waited for) and saves them; a resumed optimizer merges them at the same steps, bitwise.
 
 With ``compressor`` (a :class:`gossip.Compressor` or its name: ``"bf16"``, ``"int8"``, ``"int4"``,
-``"topk-0.01"``, ...; exact average only) each rank's pseudo-gradient goes on the wire compressed
-and every rank sums the n decompressed messages (:func:`gossip.compressed_allreduce`), so θ stays
-equal on every rank; there is no error feedback. ``opt.compressor.bytes_sent`` counts the bytes
-handed to MPI.
+``"topk-0.01"``, ...; exact average only) the pseudo-gradients go on the wire compressed, through
+the compressed reduce-scatter and allgather of :func:`gossip.compressed_allreduce`: every rank
+decompresses the same bytes, so θ stays equal on every rank, and each rank sends about 2(n − 1)/n
+compressed copies of the fragment. The reduce-scatter completes at the sync step and the allgather
+overlaps the τ steps (:func:`gossip.ops.compressed.compressed_allreduce_async`). There is no error
+feedback. ``opt.compressor.bytes_sent`` counts the bytes handed to MPI.
 
 After a rank failure in fault-tolerant mode (:func:`gossip.recover`;
 :meth:`DecentralizedOptimizer.after_recovery`) the survivors agree on the step (the largest), drop
@@ -62,19 +69,31 @@ most advanced survivor's start point and outer state; each rank keeps its inner 
 from __future__ import annotations
 
 import copy
-import io
 from typing import Any
 
 import torch
 
 import gossip
 from algorithms.base import DecentralizedOptimizer, _graph_text
+from gossip.ops.compressed import compressed_allreduce_async
 from gossip.plan import schedule as schedules
 from gossip.plan.schedule import AllreduceSchedule, Schedule, schedule_for
 
 _EXCLUDED = {"Optimizer", "LBFGS", "SparseAdam"}  # the base class, closure-driven and sparse-only optimizers
 OPTIMIZERS = {name.lower(): cls for name in dir(torch.optim) if name not in _EXCLUDED
               and isinstance(cls := getattr(torch.optim, name), type) and issubclass(cls, torch.optim.Optimizer)}
+
+
+def inner_keywords(inner_kwargs: dict | None, weight_decay: float | None) -> dict:
+    """The inner optimizer's keywords: ``inner_kwargs`` with ``weight_decay`` (when given) added;
+    ValueError when both give a different weight decay."""
+    keywords = dict(inner_kwargs or {})
+    if weight_decay is not None:
+        if keywords.get("weight_decay", weight_decay) != weight_decay:
+            raise ValueError(f"weight_decay={weight_decay} and inner_kwargs weight_decay="
+                             f"{keywords['weight_decay']} disagree")
+        keywords["weight_decay"] = weight_decay
+    return keywords
 
 
 def optimizer_class(spec: str | type, role: str) -> type:
@@ -167,12 +186,7 @@ class DiLoCo(DecentralizedOptimizer):
             raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum}")
         if outer_cls is torch.optim.SGD and nesterov and outer_momentum == 0:
             raise ValueError("nesterov=True needs outer_momentum > 0 (pass nesterov=False for plain outer SGD)")
-        inner_kwargs = dict(inner_kwargs or {})
-        if weight_decay is not None:
-            if inner_kwargs.get("weight_decay", weight_decay) != weight_decay:
-                raise ValueError(f"weight_decay={weight_decay} and inner_kwargs weight_decay="
-                                 f"{inner_kwargs['weight_decay']} disagree")
-            inner_kwargs["weight_decay"] = weight_decay
+        inner_kwargs = inner_keywords(inner_kwargs, weight_decay)
         schedule = AllreduceSchedule() if topology is None else schedule_for(topology)
         super().__init__(params, {"lr": lr}, schedule=schedule)
         self.period, self.delay, self.mix = period, delay, float(mix)
@@ -227,11 +241,16 @@ class DiLoCo(DecentralizedOptimizer):
             torch.sub(self.start[a:b], self.x[a:b], out=message)  # Δ_i = θ − x_i
         else:
             message.copy_(self.x[a:b])  # the model: Δ_i = θ_i − Σ_j w_ij x_j at the merge
+        plan = self.schedule.plan(round_)
         if self.compressor is not None:
-            gossip.compressed_allreduce(message, self.compressor, out=out)
-            self._in_flight[p] = None
+            self._in_flight[p] = compressed_allreduce_async(message, self.compressor, out=out)
+        elif plan.op == schedules.ALLREDUCE:  # the plan's own allreduce blocks; these overlap the τ steps
+            self._in_flight[p] = gossip.allreduce_async(message, "mean", out=out)
+        elif plan.op == schedules.HIERARCHICAL:
+            self._in_flight[p] = gossip.hierarchical_neighbor_allreduce_async(
+                message, plan.machine_topology, plan.machine_step, out=out)
         else:
-            self._in_flight[p] = self.schedule.plan(round_).start(message, out)
+            self._in_flight[p] = plan.start(message, out)
 
     def _merge(self, p: int) -> None:
         a, b = self.fragments[p]
@@ -347,16 +366,8 @@ class DiLoCo(DecentralizedOptimizer):
         created at an outer step that completed on some ranks only). Gossip keeps each rank's own."""
         if not self.exact:
             return
-        data = torch.empty(0, dtype=torch.uint8)
-        if gossip.rank() == leader:
-            buffer = io.BytesIO()
-            torch.save({"start": self.start.cpu(), "outer": self.outer.state_dict()}, buffer)
-            data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-        size = gossip.broadcast(torch.tensor([data.numel()], dtype=torch.int64), root=leader)
-        if gossip.rank() != leader:
-            data = torch.empty(int(size), dtype=torch.uint8)
-        data = gossip.broadcast(data, root=leader)
-        shared = torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
+        mine = {"start": self.start.cpu(), "outer": self.outer.state_dict()} if gossip.rank() == leader else None
+        shared = self._adopt_state(leader, mine)
         self.start.copy_(shared["start"])
         self.outer.load_state_dict(shared["outer"])
 

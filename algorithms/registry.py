@@ -34,6 +34,7 @@ from algorithms.pmsgd import PmSGD
 from algorithms.qg_dmsgd import QGDmSGD
 from algorithms.sgp import SGP
 from algorithms.slowmo import BMUF, MAVG, SlowMo
+from algorithms.wrapper import GossipWrapperByName
 
 KINDS = {
     "gossip": "neighbour averaging every step (a static graph or a time-varying family)",
@@ -45,6 +46,8 @@ KINDS = {
     "asynchronous-gossip": "one-sided pushes to neighbours, never waiting",
     "outer-optimizer": "any torch.optim optimizer for local steps; every few steps an outer optimizer steps on the "
                        "averaged pseudo-gradient (an exact average, or gossip on a topology)",
+    "wrapper": "any torch.optim optimizer, with neighbour averaging of the model (after or overlapped with its step), "
+               "an allreduce of models or gradients, or one-sided pushes",
 }
 REQUIRED = inspect.Parameter.empty  # the default of a hyper-parameter that has none (lr, budget)
 DEFAULT_BASE = "local-sgd"  # what an outer loop runs between its averages unless told otherwise
@@ -169,6 +172,11 @@ _SPECS = (
                   "Shi, Yang, Li, 2024, NeurIPS", "server", fixed={"rule": "ormo"}),
     AlgorithmSpec("ormo-da", AsynchronousSGD, "ordered momentum with a delay-adaptive step",
                   "Shi, Yang, Li, 2024, NeurIPS", "server", fixed={"rule": "ormo-da"}),
+    AlgorithmSpec("gossip-wrapper", GossipWrapperByName, "any torch.optim optimizer (inner: AdamW, Adam, SGD, ...) "
+                  "with gossip: neighbour averaging adapt-then-combine or adapt-while-combine, hierarchical, "
+                  "parameter or gradient allreduce, one-sided window pushes, every K steps",
+                  "Chen, Sayed, 2012, IEEE Trans. Signal Process. (ATC); Ying, Yuan, Hu, Chen, Yin, 2021, "
+                  "arXiv:2111.04287 (BlueFog's optimizers)", "wrapper"),
     AlgorithmSpec("adpsgd", AsynchronousGossipSGD, "asynchronous decentralized SGD on one-sided MPI windows",
                   "Lian, Zhang, Zhang, Liu, 2018, ICML", "asynchronous-gossip"),
 )

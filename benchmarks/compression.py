@@ -3,7 +3,8 @@ time and bytes of ``compressed_allreduce`` per compressor.
 
 ``gossiprun -np 4 python benchmarks/compression.py``. Bytes are this rank's :func:`gossip.traffic`
 (mean over ranks): neighbour messages exactly as handed to MPI, allreduce as a ring's 2(n − 1)/n of
-the tensor's bytes per rank, ``compressed_allreduce`` as its allgather, (n − 1) messages per rank.
+the tensor's bytes per rank, ``compressed_allreduce`` exactly as handed to MPI: its compressed
+reduce-scatter and allgather, 2(n − 1)/n compressed copies of the tensor per rank.
 
 * **CHOCO-SGD** (Koloskova, Stich and Jaggi, "Decentralized Stochastic Optimization and Gossip
   Algorithms with Compressed Communication", ICML 2019) with top-1 % and int8 messages, against

@@ -28,8 +28,22 @@ The package, one concern per subpackage:
 from gossip import transport  # noqa: F401
 from gossip import ops, plan, tools  # noqa: F401 - the subpackages, as gossip.ops etc.
 from gossip.errors import GossipError, InputMismatchError, OpTimeoutError, RankFailure
-from gossip.ops.collectives import allgather, allreduce, barrier, broadcast, broadcast_parameters
-from gossip.ops.compressed import compressed_allreduce, compressed_neighbor_allreduce, compressed_neighbor_exchange
+from gossip.ops.collectives import (
+    allgather,
+    allgather_async,
+    allreduce,
+    allreduce_async,
+    barrier,
+    broadcast,
+    broadcast_async,
+    broadcast_parameters,
+)
+from gossip.ops.compressed import (
+    compressed_allreduce,
+    compressed_allreduce_async,
+    compressed_neighbor_allreduce,
+    compressed_neighbor_exchange,
+)
 from gossip.ops.compression import (
     BFloat16,
     Compressor,
@@ -44,8 +58,13 @@ from gossip.ops.compression import (
 )
 from gossip.ops.flat import FlatBuffer
 from gossip.ops.handles import Handle
-from gossip.ops.hierarchical import hierarchical_neighbor_allreduce
-from gossip.ops.neighbor import neighbor_allgather, neighbor_allreduce, neighbor_allreduce_async
+from gossip.ops.hierarchical import (
+    hierarchical_neighbor_allreduce,
+    hierarchical_neighbor_allreduce_async,
+    local_allreduce,
+)
+from gossip.ops.neighbor import neighbor_allreduce, neighbor_allreduce_async
+from gossip.ops.neighbor_gather import neighbor_allgather, neighbor_allgather_async
 from gossip.ops.recovery import Recovery, on_recover, recover
 from gossip.ops.window import Window, open_windows
 from gossip.plan.cost_model import CostModel, LinkCost
@@ -108,27 +127,34 @@ __all__ = [
     "Traffic",
     "Window",
     "allgather",
+    "allgather_async",
     "allreduce",
+    "allreduce_async",
     "barrier",
     "broadcast",
+    "broadcast_async",
     "broadcast_parameters",
     "checkpoint",
     "compressed_allreduce",
+    "compressed_allreduce_async",
     "compressed_neighbor_allreduce",
     "compressed_neighbor_exchange",
     "compressor_by_name",
     "cuda_aware",
     "hierarchical_neighbor_allreduce",
+    "hierarchical_neighbor_allreduce_async",
     "in_neighbors",
     "init",
     "is_initialized",
     "layout",
+    "local_allreduce",
     "local_rank",
     "local_size",
     "machine_rank",
     "machine_size",
     "metrics",
     "neighbor_allgather",
+    "neighbor_allgather_async",
     "neighbor_allreduce",
     "neighbor_allreduce_async",
     "on_recover",

@@ -31,7 +31,7 @@ import networkx as nx
 import torch
 from mpi4py import MPI
 
-from gossip.errors import GossipError, RankFailure
+from gossip.errors import GossipError, OpTimeoutError, RankFailure
 from gossip.settings import Settings
 from gossip.transport import Transport, detect_cuda_aware
 from gossip.transport._buffers import BufferPool
@@ -246,12 +246,15 @@ class Bound:
     layout: Layout
 
 
-def bind(comm: MPI.Comm, settings: Settings, origin: int, graph: nx.DiGraph, watchdog: Watchdog) -> Bound:
+def bind(comm: MPI.Comm, settings: Settings, origin: int, graph: nx.DiGraph, watchdog: Watchdog, *,
+         allow_negative: bool = False, any_row_sums: bool = False) -> Bound:
     """Collective over ``comm``: the machine layout, node shared memory (off in fault-tolerant mode)
-    and the static topology ``graph`` on ``comm``."""
+    and the static topology ``graph`` on ``comm`` (accepted as :func:`set_topology` would with
+    ``allow_negative_weights=allow_negative, allow_any_row_sums=any_row_sums``)."""
     local, leaders, machine_rank, machine_size = _split_machines(comm, settings.ranks_per_machine, origin)
     node_memory = NodeMemory(comm, watchdog, enabled=settings.shared_memory and not settings.fault_tolerant)
-    return Bound(local, leaders, machine_rank, machine_size, node_memory, build_static_topology(comm, graph),
+    topology = build_static_topology(comm, graph, allow_negative, any_row_sums)
+    return Bound(local, leaders, machine_rank, machine_size, node_memory, topology,
                  _discover_layout(comm, local, machine_size, machine_rank))
 
 
@@ -275,7 +278,9 @@ def init(comm: MPI.Comm | None = None, *, settings: Settings | None = None, **ov
     mismatched shapes, dtypes or send/receive patterns raise on every rank; without it they are
     undefined behaviour (usually a hang) but each op saves one 16-byte allreduce. An uncaught
     exception on any rank aborts the whole job (``abort_on_error``). ``op_timeout`` turns on the
-    watchdog (:func:`set_op_timeout`); ``timeline`` records a trace (:mod:`gossip.tools.timeline`).
+    watchdog (:func:`set_op_timeout`), from this call on: a rank that reaches ``init`` more than
+    ``op_timeout`` seconds after another makes that one raise :class:`gossip.OpTimeoutError`.
+    ``timeline`` records a trace (:mod:`gossip.tools.timeline`).
     When all ranks share one machine, blocking neighbour averaging of CPU tensors goes through
     shared memory (``shared_memory=False`` to use MPI messages instead). ``debug_buffers`` fills
     every buffer given back to the pool with NaN, checks that a tensor being sent is unchanged when
@@ -292,7 +297,15 @@ def init(comm: MPI.Comm | None = None, *, settings: Settings | None = None, **ov
         _require_ulfm()
     if not MPI.Is_initialized():
         MPI.Init_thread()
-    comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    try:  # every rank is here before the blocking collectives that build the runtime (Dup, Split, ...)
+        Watchdog(comm.rank, settings.op_timeout).fence(comm, "gossip.init")
+    except OpTimeoutError as error:
+        if settings.abort_on_error and comm.size > 1:  # no runtime yet, whose hook would abort
+            print(f"gossip: {error}; aborting the job", file=sys.stderr, flush=True)
+            comm.Abort(1)
+        raise
+    comm = comm.Dup()
     failures = None
     if settings.fault_tolerant:  # errors come back as exceptions; derived communicators inherit it
         comm.Set_errhandler(MPI.ERRORS_RETURN)
@@ -339,9 +352,11 @@ def shutdown() -> None:
 
     Ops still in flight are completed first (MPI may still use their buffers, and they use the
     runtime's communicators); this rank's trace, if one is recorded, is written. ``init`` may
-    be called again. In fault-tolerant mode, once a rank has failed, the runtime lets go of
-    everything without collective calls (:meth:`Runtime.abandon`) and raises
-    :class:`gossip.RankFailure`; it is shut down all the same.
+    be called again. The ranks meet under the op timeout before any resource is freed: a rank
+    that reaches ``shutdown`` more than ``op_timeout`` seconds after another makes that one raise
+    :class:`gossip.OpTimeoutError` (the runtime is then left as it was). In fault-tolerant mode,
+    once a rank has failed, the runtime lets go of everything without collective calls
+    (:meth:`Runtime.abandon`) and raises :class:`gossip.RankFailure`; it is shut down all the same.
     """
     global _runtime
     if _runtime is None:
@@ -366,6 +381,7 @@ def shutdown() -> None:
 def _free(rt: Runtime) -> None:
     global _runtime
     rt.in_flight.complete_all()
+    rt.watchdog.fence(rt.comm, "gossip.shutdown")  # freeing windows and communicators blocks
     if rt.progress is not None:
         rt.progress.stop()
         rt.progress = None
@@ -393,8 +409,10 @@ def shared_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor
     machines, ``shared_memory=False``) it is an ordinary tensor. Every rank must call this in
     the same order. Valid until ``gossip.shutdown()``.
     """
-    node_memory = current().node_memory
-    if node_memory.usable:
+    rt = current()
+    node_memory = rt.node_memory
+    if node_memory.usable:  # the same on every rank
+        rt.watchdog.fence(rt.comm, "gossip.shared_empty")  # the window's creation blocks
         return node_memory.empty(numel, dtype)
     return torch.empty(numel, dtype=dtype)
 
@@ -497,7 +515,8 @@ def set_check(enabled: bool) -> None:
     current().check = bool(enabled)
 
 
-def set_topology(graph: nx.DiGraph | Callable[[int], nx.DiGraph], *, allow_negative_weights: bool = False) -> None:
+def set_topology(graph: nx.DiGraph | Callable[[int], nx.DiGraph], *, allow_negative_weights: bool = False,
+                 allow_any_row_sums: bool = False) -> None:
     """Collective: make ``graph`` the static topology of every op that is given no weights.
 
     ``graph`` is a ``networkx.DiGraph`` on nodes ``0..size-1``, or a builder ``n -> graph`` (a
@@ -505,16 +524,25 @@ def set_topology(graph: nx.DiGraph | Callable[[int], nx.DiGraph], *, allow_negat
     with the number of ranks; :func:`gossip.recover` rebuilds a builder's graph for the survivors,
     while a graph given as such cannot follow a change of size. Edge ``j -> i`` carries ``weight``
     = the weight rank i gives to j's value, the self-loop ``i -> i`` rank i's self weight (0 if
-    absent). A graph without any weights gets uniform weights ``1/(indegree+1)``. Raises
-    :class:`InputMismatchError` on every rank if the graph is invalid on any rank or differs
-    between ranks; the previous topology then stays in place.
+    absent). A graph without any weights gets uniform weights ``1/(indegree+1)``.
+
+    The weights a rank receives with (self-loop included) must sum to 1 (a row-stochastic
+    mixing matrix, for averaging), unless ``allow_any_row_sums``: then any finite weights are
+    taken as given, e.g. 1 on every edge and self-loop for sums over each neighbourhood (what
+    BlueFog's ``set_topology(..., is_weighted=True)`` does). Weights must be non-negative unless
+    ``allow_negative_weights``.
+
+    Raises :class:`InputMismatchError` on every rank if the graph is invalid on any rank or differs
+    between ranks; the previous topology then stays in place. A rank more than ``op_timeout``
+    seconds behind the others makes them raise :class:`gossip.OpTimeoutError` (:func:`set_op_timeout`).
     """
     rt = current()
     builder = None
     if callable(graph) and not isinstance(graph, nx.Graph):
         builder, graph = graph, topology_for(graph, rt.size, rt.rank)
     with rt.watchdog.guard("set_topology"):
-        new = build_static_topology(rt.comm, graph, allow_negative_weights)
+        new = build_static_topology(rt.comm, graph, allow_negative_weights, allow_any_row_sums,
+                                    watchdog=rt.watchdog, what="set_topology")
     old, rt.topology = rt.topology, new
     rt.topology_builder = builder
     old.free()

@@ -71,6 +71,9 @@ COMBINE = {
     # CHOCO-SGD (Koloskova, Stich, Jaggi, ICML 2019): the public copies x̂ and their mix s; restarted from
     # zero, as after a recovery (a copy must be the same on every rank that holds it)
     "x_hat": RESTARTED, "s": RESTARTED,
+    # gossip-wrapper with gradient allreduce every K steps: the gradient summed so far in this round;
+    # restarted (zero), the round starts again on the new shards
+    "accumulated_gradient": RESTARTED,
 }
 # SlowMo, BMUF, MAVG: the outer loop's start point and momentum are equal on every rank; averaged.
 

@@ -18,6 +18,7 @@ from mpi4py import MPI  # started by ``import gossip`` anyway; the rank is known
 
 import algorithms
 import gossip
+from algorithms.wrapper import ALLREDUCE, COMMUNICATIONS, EMPTY, GRADIENT, NEIGHBOR
 
 DEFAULTS = {
     "algorithm": "dmsgd", "topology": "one-peer-exp2", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4,
@@ -28,7 +29,7 @@ DEFAULTS = {
     "slow_momentum": None, "warmup_steps": None, "batch_growth": 2.0, "slow_ranks": "", "slow_delay": 0.02,
     "elastic": False, "inject_failure": "", "inner": None, "outer_lr": None, "outer_momentum": None,
     "nesterov": None, "fragments": None, "sync_delay": None, "mix": None, "compressor": None, "consensus_step": None,
-    "context": 128,
+    "context": 128, "communication": None, "form": None, "steps_per_communication": None,
 }
 SERVER_DEFAULTS = {**DEFAULTS, "algorithm": "ormo", "log_dir": "results/train_server"}  # train_server.py's
 # Options that become an optimizer's keyword (option -> keyword); an algorithm that does not accept
@@ -37,7 +38,8 @@ KEYWORDS = {"momentum": "momentum", "topology": "topology", "global_avg_every": 
             "period": "period", "base": "base", "slow_lr": "slow_lr", "slow_momentum": "slow_momentum",
             "warmup_steps": "warmup_steps", "batch_growth": "growth", "inner": "inner", "outer_lr": "outer_lr",
             "outer_momentum": "outer_momentum", "nesterov": "nesterov", "fragments": "fragments",
-            "sync_delay": "delay", "mix": "mix", "compressor": "compressor", "consensus_step": "consensus_step"}
+            "sync_delay": "delay", "mix": "mix", "compressor": "compressor", "consensus_step": "consensus_step",
+            "communication": "communication", "form": "form", "steps_per_communication": "steps_per_communication"}
 # Keywords an outer loop (SlowMo, BMUF) hands to its base optimizer.
 BASE_KEYWORDS = ("momentum", "topology", "global_avg_every")
 # --topology auto feeds gossip.Scheduler's choice (allreduce, exponential-2, one-peer, hierarchical
@@ -131,7 +133,8 @@ def make_parser(server: bool = False) -> argparse.ArgumentParser:
         option("--warmup-steps", "local-sgd: average after every one of the first steps", type=int)
         option("--batch-growth", "cr-psgd(-catalyst): batch growth rho > 1 (first batch --batch-size; "
                "budget --epochs of samples)", type=float)
-        option("--inner", "diloco: the inner optimizer, a torch.optim name (default adamw; --lr is its lr)")
+        option("--inner", "diloco, gossip-wrapper: the inner optimizer, a torch.optim name (default adamw; --lr is "
+               "its lr)")
         option("--outer-lr", "diloco: the outer optimizer's lr (default 0.7)", type=float)
         option("--outer-momentum", "diloco: the outer optimizer's momentum (default 0.9)", type=float)
         option("--nesterov", "diloco: Nesterov outer momentum (default on)", action=argparse.BooleanOptionalAction,
@@ -144,6 +147,13 @@ def make_parser(server: bool = False) -> argparse.ArgumentParser:
                "randomk-0.01, sign (gossip.compressor_by_name)")
         option("--consensus-step", "choco-sgd: consensus step gamma (default: chosen from the compressor)",
                type=float)
+        option("--communication", "gossip-wrapper: neighbor_allreduce (default), hierarchical_neighbor_allreduce, "
+               "allreduce (of the models), gradient_allreduce, window (one-sided pushes) or empty; --inner is the "
+               "optimizer (default adamw)", choices=list(COMMUNICATIONS))
+        option("--form", "gossip-wrapper: atc (combine after the inner step, default) or awc (combine the model "
+               "before it, overlapped with forward and backward)", choices=["atc", "awc"])
+        option("--steps-per-communication", "gossip-wrapper: communicate every K steps (local steps in between; "
+               "gradient_allreduce: gradients accumulated over K steps)", type=int)
     option("--slow-ranks", "comma-separated ranks made slower by sleeping --slow-delay per step")
     option("--slow-delay", "seconds a --slow-ranks rank sleeps after each step", type=float)
     option("--seed", "seed of the data split, the model and the batches", type=int)
@@ -313,8 +323,17 @@ def _base(args: argparse.Namespace) -> str:
 def takes_topology(args: argparse.Namespace) -> bool:
     """Whether the algorithm run every step gossips on ``--topology`` (DiLoCo only when it is given: by
     default its outer average is exact)."""
-    spec = algorithms.spec(_base(args))
-    return spec.takes_topology and (spec.kind != "outer-optimizer" or "topology" in args.given)
+    return uses_topology(algorithms.spec(_base(args)), args)
+
+
+def uses_topology(spec: algorithms.AlgorithmSpec, args: argparse.Namespace) -> bool:
+    """Whether ``spec`` is given ``--topology``: when it gossips on one (DiLoCo only when it is given; the
+    gossip wrapper unless its ``--communication`` averages exactly or not at all)."""
+    if not spec.takes_topology or "topology" in args.given:
+        return spec.takes_topology
+    if spec.kind == "outer-optimizer":
+        return False
+    return spec.kind != "wrapper" or (args.communication or NEIGHBOR) not in (ALLREDUCE, GRADIENT, EMPTY)
 
 
 def slow_ranks(args: argparse.Namespace) -> set[int]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from language_model import CharTransformer, validation_loss
-from train_settings import BASE_KEYWORDS, KEYWORDS, fail, plural
+from train_settings import BASE_KEYWORDS, KEYWORDS, fail, plural, uses_topology
 
 import algorithms
 import gossip
@@ -56,7 +56,7 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, data: Split
         owner = base if option in BASE_KEYWORDS else spec
         value = getattr(args, option)
         if option == "topology":
-            if owner.takes_topology and (owner.kind != "outer-optimizer" or "topology" in args.given):
+            if uses_topology(owner, args):
                 hyper["topology"] = make_topology(args, n, model, data, device)
         elif value is not None and owner.accepts(keyword):
             hyper[keyword] = value

@@ -64,6 +64,26 @@ def start_job(np: int, command: list[str], env: dict[str, str] | None = None,
                             start_new_session=True)
 
 
+def job_rank_pids(session: int, script: Path) -> dict[int, int]:
+    """The ranks of a job started by :func:`start_job` (its own session: ``proc.pid``) that run
+    ``python script ...``: launch rank (the ``OMPI_COMM_WORLD_RANK`` mpirun gave the process) -> pid.
+    mpirun, a launcher and processes of other jobs are left out."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            sid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            if sid != session or command[1:2] != [str(script).encode()]:
+                continue
+            variables = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        for item in variables:
+            if item.startswith(b"OMPI_COMM_WORLD_RANK="):
+                found[int(item.split(b"=", 1)[1])] = int(entry.name)
+    return found
+
+
 def run_job(np: int, command: list[str], timeout: float, env: dict[str, str] | None = None,
             what: str = "the job", emulated: Emulated | None = None) -> subprocess.CompletedProcess:
     """Run ``command`` on ``np`` ranks (:func:`start_job`, on an emulated cluster with ``emulated``) to
@@ -76,7 +96,9 @@ def run_job(np: int, command: list[str], timeout: float, env: dict[str, str] | N
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         pytest.fail(f"{what} was still running after {timeout:.0f} s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, output)
+    # mpirun's aggregated help message ("N more processes have sent help message ...") ends in a NUL
+    # byte, which then leads the next line of the job's output
+    return subprocess.CompletedProcess(command, proc.returncode, output.replace("\x00", ""))
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,18 @@ TINY_LM = ["--steps", "20", "--eval-every", "10", "--periods", "5", "--main-peri
            "--context", "32", "--train-chars", "60000", "--val-chars", "8000", "--val-windows", "32"]
 
 
+def _int8_bytes(k: int) -> int:
+    """Int8's wire format for k values: one byte each, a float32 scale per block of 256."""
+    return k + 4 * math.ceil(k / 256)
+
+
+def _two_stage(numel: int, wire_of) -> int:
+    """Rank 0's bytes in one compressed_allreduce of ``numel`` values: the other ranks' blocks to their
+    owners (blocks differ by at most one value), then its own reduced block to the n - 1 others."""
+    sizes = [wire_of(numel // N + (b < numel % N)) for b in range(N)]
+    return sum(sizes[1:]) + (N - 1) * sizes[0]
+
+
 def test_diloco_convergence_writes_every_method_and_its_bytes(tmp_path: Path) -> None:
     output = _run("diloco.py", [*TINY_LM, "--out", str(tmp_path)])
     report = json.loads((tmp_path / "diloco-convergence-np4.json").read_text())
@@ -52,15 +64,14 @@ def test_diloco_convergence_writes_every_method_and_its_bytes(tmp_path: Path) ->
                        "DiLoCo H=10, bf16 outer gradients"]
     by = {r["method"]: r for r in report["results"]}
     steps, model = 20, 4 * p
-    int8 = p + 4 * math.ceil(p / 256)
     expected = {"PmSGD (allreduce, momentum SGD)": steps * _ring(model),
                 "allreduce-AdamW (DDP with AdamW)": steps * _ring(model),
                 "DmSGD (one-peer exp-2)": steps * (model + 8),  # one destination per step, with its 8-byte scale
                 "local SGD (momentum 0.9, H=5)": steps // 5 * _ring(model),
                 "DiLoCo H=5": steps // 5 * _ring(model), "DiLoCo H=10": steps // 10 * _ring(model),
                 "streaming DiLoCo H=10 (P=2, tau=1, alpha=0.5)": steps // 10 * _ring(model),  # each fragment per round
-                "DiLoCo H=10, int8 outer gradients": steps // 10 * (N - 1) * int8,  # allgathered messages
-                "DiLoCo H=10, bf16 outer gradients": steps // 10 * (N - 1) * 2 * p}
+                "DiLoCo H=10, int8 outer gradients": steps // 10 * _two_stage(p, _int8_bytes),
+                "DiLoCo H=10, bf16 outer gradients": steps // 10 * _two_stage(p, lambda k: 2 * k)}
     for method, nbytes in expected.items():
         assert by[method]["bytes"] == nbytes, (method, by[method]["bytes"], nbytes)
     for r in report["results"]:
@@ -132,6 +143,6 @@ def test_compression_writes_choco_and_ops(tmp_path: Path) -> None:
         if r["op"] == "allreduce (fp32)":
             assert r["bytes_per_call"] == _ring(4 * r["numel"])
         if r["op"] == "int8":
-            assert r["bytes_per_call"] == (N - 1) * (r["numel"] + 4 * math.ceil(r["numel"] / 256))
+            assert r["bytes_per_call"] == _two_stage(r["numel"], _int8_bytes)
     text = (tmp_path / "compression-np4.txt").read_text()
     assert "CHOCO-SGD top-1%" in text and "compressed_allreduce against allreduce" in text

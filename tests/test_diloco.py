@@ -16,11 +16,11 @@ from tests.mpi_harness import TESTS, Run, run_job, run_mpi
 pytestmark = pytest.mark.mpi
 
 SCRIPT = "algorithms_diloco.py"
-LARGE = {"shared_memory": False, "debug_buffers": True}
+LARGE = {"shared_memory": False, "debug_buffers": True, "message_chunk_bytes": 1 << 14}
 
 
 def test_diloco_under_mpirun() -> None:
-    run_mpi([Run(SCRIPT, 1), Run(SCRIPT, 3), Run(SCRIPT, 4), Run(SCRIPT, 4, LARGE, {"hidden": 30000})])
+    run_mpi([Run(SCRIPT, 1), Run(SCRIPT, 3), Run(SCRIPT, 4), Run(SCRIPT, 4, LARGE, {"hidden": 3000})])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

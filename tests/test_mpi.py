@@ -29,14 +29,19 @@ def sizes(script: str, *ns: int, **settings) -> list[Run]:
 
 # On one machine, over Open MPI's shared-memory transport: every script at the sizes that exercise
 # its cases (1 rank, 2, powers of two, odd sizes), and the settings that can differ within one job.
-# Scripts are grouped by area, one mpirun job per group: starting ranks (importing torch and MPI)
-# costs seconds on a small machine, running one more script in a started job does not.
+# Scripts are grouped by area for reading, and every group runs in one mpirun job: starting ranks
+# (importing torch and MPI) costs seconds on a small machine, running one more script in a started job
+# does not. A failure names the script, size, settings, test and rank.
 JOBS = {
     "neighbour-ops": [*sizes("neighbor_static.py", 1, 2, 4, 8), Run("neighbor_static.py", 4, STAGED_HOST),
                       *sizes("neighbor_dynamic.py", 1, 2, 4, 8), Run("neighbor_dynamic.py", 4, STAGED_HOST),
                       *sizes("shared_memory.py", 1, 4, 5),
                       *sizes("collectives.py", 1, 3, 4), Run("collectives.py", 3, STAGED_HOST),
-                      *sizes("dynamic_families.py", 1, 4, 8)],
+                      *sizes("dynamic_families.py", 1, 4, 8),
+                      # weights taken as given, correctly rounded uniform means: over shared memory and
+                      # MPI messages, messages only, and the staging pipeline
+                      Run("neighbor_weights.py", 4), Run("neighbor_weights.py", 3, {"shared_memory": False}),
+                      Run("neighbor_weights.py", 3, {"stage_host": True, "staging_chunk_bytes": 1 << 16})],
     "algorithms": [*sizes("algorithms_sync.py", 1, 4, 6), *sizes("algorithms_periodic.py", 1, 4),
                    *sizes("algorithms_async_gossip.py", 4, 5), *sizes("parameter_server.py", 1, 2, 4)],
     "runtime-windows-hierarchical": [
@@ -47,9 +52,8 @@ JOBS = {
 }
 
 
-@pytest.mark.parametrize("name", JOBS)
-def test_under_mpirun(name: str) -> None:
-    run_mpi(JOBS[name])
+def test_under_mpirun() -> None:
+    run_mpi([run for runs in JOBS.values() for run in runs])
 
 
 # On one machine blocking CPU averaging goes through shared memory by default; these runs force MPI
@@ -57,23 +61,25 @@ def test_under_mpirun(name: str) -> None:
 # TCP transport, where a buffer freed or reused while in flight shows at once.
 TCP = {"OMPI_MCA_btl": "tcp,self"}
 MPI_MESSAGES = {"shared_memory": False}
-# With messages of several chunks everywhere (the algorithms' test network widened to 1.2 MB of
-# parameters) and the debug checks on: poisoned released buffers, sent tensors checked untouched; and
-# with the progress thread polling MPI while the ops run (MPI_THREAD_MULTIPLE).
+# With messages of several chunks everywhere and the debug checks on (poisoned released buffers, sent
+# tensors checked untouched): the algorithms' test network widened to 120 kB of parameters, sent in
+# chunks of 16 KiB (8 per message; the chunking is the same at any size, the NumPy reference is not);
+# messages of several MB in 1 MiB chunks (large_messages.py); and with the progress thread polling MPI
+# while the ops run (MPI_THREAD_MULTIPLE).
 LARGE = {**MPI_MESSAGES, "debug_buffers": True}
 TCP_JOBS = {
     "mpi-tcp": [*sizes("neighbor_static.py", 4, 5, **MPI_MESSAGES), Run("neighbor_dynamic.py", 4, MPI_MESSAGES),
                 Run("shared_memory.py", 3, MPI_MESSAGES), Run("dynamic_families.py", 6, MPI_MESSAGES),
                 Run("algorithms_periodic.py", 5, MPI_MESSAGES), Run("runtime_services.py", 3, MPI_MESSAGES),
                 Run("bad_input.py", 4, MPI_MESSAGES)],
-    "large-tcp": [Run("algorithms_sync.py", 4, LARGE, {"hidden": 30000}), Run("large_messages.py", 4, LARGE),
+    "large-tcp": [Run("algorithms_sync.py", 4, {**LARGE, "message_chunk_bytes": 1 << 14}, {"hidden": 3000}),
+                  Run("large_messages.py", 4, LARGE),
                   Run("large_messages.py", 4, {**MPI_MESSAGES, "progress_thread": True})],
 }
 
 
-@pytest.mark.parametrize("name", TCP_JOBS)
-def test_over_tcp(name: str) -> None:
-    run_mpi(TCP_JOBS[name], env=TCP)
+def test_over_tcp() -> None:
+    run_mpi([run for runs in TCP_JOBS.values() for run in runs], env=TCP)
 
 
 # Every CPU correctness script again with CUDA tensors (several ranks share the GPU), staged through

@@ -64,7 +64,7 @@ def test_hyper_parameters_are_the_constructors_keywords():
         assert set(entry.fixed) <= {p.name for p in signature}, entry.name
         assert entry.kind in KINDS and entry.summary and entry.paper, entry.name
         assert entry.takes_topology == entry.accepts("topology") == (entry.kind in ("gossip", "asynchronous-gossip",
-                                                                                          "outer-optimizer"))
+                                                                                          "outer-optimizer", "wrapper"))
         assert entry.needs_base == (entry.kind == "outer")
         assert entry is algorithms.spec(entry.name)
     assert algorithms.spec("dsgd").fixed["form"] == "atc" and algorithms.spec("dsgd-awc").fixed == {"form": "awc"}

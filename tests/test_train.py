@@ -9,6 +9,7 @@ mpirun is covered by two jobs)."""
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import algorithms
 import gossip
 from gossip.tools import checkpoint
 from gossip.tools.launch import STDOUT_IS_TERMINAL, launch_env
-from tests.mpi_harness import REPO, run_job, start_job
+from tests.mpi_harness import REPO, job_rank_pids, run_job, start_job
 
 EXAMPLES = REPO / "mpirun_examples"
 TRAIN, TRAIN_SERVER = EXAMPLES / "train.py", EXAMPLES / "train_server.py"
@@ -68,20 +69,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
         time.sleep(0.05)
 
 
-def _rank_pids(proc: subprocess.Popen) -> list[int]:
-    """The processes of a job started by ``start_job`` (its own session) that run train.py: the ranks."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            session = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3])
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if session == proc.pid and command[1:2] == [str(TRAIN).encode()]:  # python train.py ...: not mpirun
-            pids.append(int(entry.name))
-    return sorted(pids)
-
-
 def _same_but_the_clock(first: list[dict], second: list[dict]) -> None:
     clock = ("wall_seconds", "samples_per_second", "communication_share")
     assert [r["epoch"] for r in first] == [r["epoch"] for r in second]
@@ -124,57 +111,85 @@ def straight_run(tmp_path_factory) -> Path:
     return where
 
 
-@end_to_end
-def test_killed_run_resumes_bitwise_identically(tmp_path, straight_run):
-    straight, interrupted = straight_run / "checkpoints", tmp_path / "interrupted"
-    proc = _start([*FAST, "--checkpoint-dir", str(interrupted), "--log-dir", str(tmp_path / "log2")])
-    _wait_for(interrupted / "latest", proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, possibly mid-write
-    proc.communicate()
-    assert _latest(interrupted) != _latest(straight), "the run finished before it could be killed; make it longer"
-
-    # --resume into the interrupted run's own log directory: allowed without --overwrite
-    resumed = _run([*FAST, "--checkpoint-dir", str(interrupted), "--resume", "--log-dir", str(tmp_path / "log2")])
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert "resumed from" in resumed.stdout
-    assert _latest(interrupted) == _latest(straight)
-    for rank in range(4):
-        _assert_bitwise_equal(_final_state(straight, rank), _final_state(interrupted, rank), f"rank {rank}")
-    assert [r["epoch"] for r in _records(tmp_path / "log2")] == [1, 2, 3, 4, 5]
-    _same_but_the_clock(_records(straight_run / "log"), _records(tmp_path / "log2"))
+def _wait_for_another(directory: Path, proc: subprocess.Popen, than: str, seconds: float = 180) -> None:
+    """Wait until ``directory/latest`` names a checkpoint other than ``than`` (or the job ends)."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (directory / "latest").exists() and _latest(directory) != than:
+            return
+        time.sleep(0.05)
 
 
-@end_to_end
-def test_a_signal_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, straight_run):
-    """SIGTERM to one rank only (a preemption; Slurm's SIGUSR1 takes the same path): the ranks agree on
-    a step, write a checkpoint there, in the middle of an epoch, and exit with status 3; --resume then
-    continues bitwise to the uninterrupted run's end."""
-    stopped = tmp_path / "stopped"
-    proc = _start([*FAST, "--checkpoint-dir", str(stopped), "--log-dir", str(tmp_path / "log")])
-    _wait_for(stopped / "latest", proc)
-    ranks = _rank_pids(proc)
-    assert len(ranks) == 4, ranks
-    os.kill(ranks[2], signal.SIGTERM)
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, straight_run) -> dict:
+    """FAST on 4 ranks, interrupted twice and resumed to the end in one checkpoint and log directory:
+    SIGTERM to one rank after the first checkpoint (a preemption; Slurm's SIGUSR1 takes the same path),
+    then --resume, that job killed (SIGKILL to the whole job, mid-run, possibly mid-write) once it has
+    published a checkpoint of its own, then --resume to the end. What each step printed and left."""
+    where = tmp_path_factory.mktemp("interrupted")
+    ckpt, log = where / "checkpoints", where / "log"
+    args = [*FAST, "--checkpoint-dir", str(ckpt), "--log-dir", str(log)]
+    out: dict = {"checkpoints": ckpt, "log": log}
+
+    proc = _start(args)
+    _wait_for(ckpt / "latest", proc)
+    ranks = job_rank_pids(proc.pid, TRAIN)
+    out["ranks"] = sorted(ranks)
+    if 2 in ranks:
+        os.kill(ranks[2], signal.SIGTERM)
     try:
-        output, _ = proc.communicate(timeout=120)
+        out["stopped"], _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"the job did not stop after SIGTERM:\n{proc.communicate()[0][-4000:]}")
-    assert proc.returncode == 3, output[-4000:]
+    out["stopped_code"], out["stopped_meta"], out["stopped_at"] = proc.returncode, _meta(ckpt), _latest(ckpt)
+
+    # --resume into the interrupted run's own log directory: allowed without --overwrite
+    proc = _start([*args, "--resume"])
+    _wait_for_another(ckpt, proc, out["stopped_at"])
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended first: the test says so
+        pass
+    out["killed"], _ = proc.communicate()
+    out["killed_code"], out["killed_at"] = proc.returncode, _latest(ckpt)
+
+    out["resumed"] = _run([*args, "--resume"])
+    return out
+
+
+@end_to_end
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(interrupted_run, straight_run):
+    """SIGTERM to one rank only: the ranks agree on a step, write a checkpoint there, in the middle of
+    an epoch, and exit with status 3; --resume continues from within that epoch."""
+    run = interrupted_run
+    assert run["ranks"] == [0, 1, 2, 3], run["ranks"]
+    output = run["stopped"]
+    assert run["stopped_code"] == 3, output[-4000:]
     line = next((x for x in output.splitlines() if x.startswith("stopped by SIGTERM after step")), None)
     assert line is not None and "--resume continues" in line, output[-4000:]
-    meta = _meta(stopped)
+    meta = run["stopped_meta"]
     assert meta["ranks"] == 4 and meta["step"] % 10 == 0, meta  # the ranks agree every 10 steps
     assert meta["step"] % 23 != 0, f"{meta}: expected a checkpoint within an epoch (23 steps each)"
-    assert _latest(stopped) != _latest(straight_run / "checkpoints")
+    assert run["stopped_at"] != _latest(straight_run / "checkpoints")
+    assert " steps into epoch " in run["killed"].split("resumed from", 1)[-1].splitlines()[0], run["killed"][-3000:]
 
-    resumed = _run([*FAST, "--checkpoint-dir", str(stopped), "--resume", "--log-dir", str(tmp_path / "log")])
+
+@end_to_end
+def test_killed_run_resumes_bitwise_identically(interrupted_run, straight_run):
+    """The resumed job killed mid-run, then --resume again: the end is bitwise the uninterrupted run's,
+    and so is the log, but for the clock."""
+    run, straight = interrupted_run, straight_run / "checkpoints"
+    assert run["killed_code"] != 0 and run["killed_at"] not in (run["stopped_at"], _latest(straight)), \
+        f"the run finished before it could be killed; make it longer:\n{run['killed'][-3000:]}"
+    resumed = run["resumed"]
     assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert " steps into epoch " in resumed.stdout.split("resumed from", 1)[1].splitlines()[0], resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert _latest(run["checkpoints"]) == _latest(straight)
     for rank in range(4):
-        _assert_bitwise_equal(_final_state(straight_run / "checkpoints", rank), _final_state(stopped, rank),
-                              f"rank {rank}")
-    _same_but_the_clock(_records(straight_run / "log"), _records(tmp_path / "log"))
+        _assert_bitwise_equal(_final_state(straight, rank), _final_state(run["checkpoints"], rank), f"rank {rank}")
+    assert [r["epoch"] for r in _records(run["log"])] == [1, 2, 3, 4, 5]
+    _same_but_the_clock(_records(straight_run / "log"), _records(run["log"]))
 
 
 def _continues(records: list[dict], resumed_after: int) -> None:
@@ -187,18 +202,18 @@ def _continues(records: list[dict], resumed_after: int) -> None:
 
 
 @end_to_end
-def test_resume_on_fewer_then_more_ranks(tmp_path):
-    """4 ranks -> 2 (a requeued job given fewer nodes) -> 4 again: the models are averaged, the run goes
-    on, the checkpoints follow the number of ranks, and ``latest`` always names a complete one."""
+def test_resume_on_fewer_then_more_ranks(tmp_path, straight_run):
+    """4 ranks (the uninterrupted run's 5 epochs, copied) -> 2 (a requeued job given fewer nodes) -> 4
+    again: the models are averaged, the run goes on, the checkpoints follow the number of ranks, and
+    ``latest`` always names a complete one."""
     ckpt, log = tmp_path / "checkpoints", tmp_path / "log"
+    shutil.copytree(straight_run / "checkpoints", ckpt)
+    shutil.copytree(straight_run / "log", log)
 
     def fast(epochs: int) -> list[str]:
         return [*FAST, "--epochs", str(epochs), "--checkpoint-dir", str(ckpt), "--log-dir", str(log)]
 
-    first = _run(fast(3))
-    assert first.returncode == 0, first.stdout[-4000:]
-
-    fewer = _run([*fast(5), "--resume"], np=2)
+    fewer = _run([*fast(7), "--resume"], np=2)
     assert fewer.returncode == 0, fewer.stdout[-4000:]
     line = next(x for x in fewer.stdout.splitlines() if x.startswith("resumed"))
     assert line.startswith("resumed from 4 ranks onto 2: models averaged; momentum_buffer averaged; "
@@ -206,13 +221,13 @@ def test_resume_on_fewer_then_more_ranks(tmp_path):
     assert _meta(ckpt)["ranks"] == 2 and sorted(p.name for p in (ckpt / _latest(ckpt)).glob("rank-*")) == \
         ["rank-0.pt", "rank-1.pt"]
     records = _records(log)
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
-    _continues(records, 3)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    _continues(records, 5)
 
-    more = _run([*fast(6), "--resume"], np=4)
+    more = _run([*fast(8), "--resume"], np=4)
     assert more.returncode == 0, more.stdout[-4000:]
     assert "resumed from 2 ranks onto 4: models averaged" in more.stdout, more.stdout[-3000:]
-    assert _meta(ckpt)["ranks"] == 4 and [r["epoch"] for r in _records(log)] == [1, 2, 3, 4, 5, 6]
+    assert _meta(ckpt)["ranks"] == 4 and [r["epoch"] for r in _records(log)] == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 @end_to_end
@@ -220,22 +235,22 @@ def test_resume_on_more_ranks_then_a_finished_run(tmp_path):
     """2 ranks -> 3 with push-sum (SGP: the model becomes the push-sum average, the masses restart);
     then the finished run resumed into a new --log-dir (a resubmitted Slurm job) says so and ends well."""
     ckpt = tmp_path / "checkpoints"
-    args = ["--epochs", "3", "--batch-size", "16", "--no-progress", "--algorithm", "sgp", "--topology", "exp2",
+    args = ["--epochs", "2", "--batch-size", "16", "--no-progress", "--algorithm", "sgp", "--topology", "exp2",
             "--checkpoint-dir", str(ckpt)]
     first = _run([*args, "--log-dir", str(tmp_path / "log")], np=2)
     assert first.returncode == 0, first.stdout[-4000:]
-    args[1] = "5"
+    args[1] = "4"
     more = _run([*args, "--log-dir", str(tmp_path / "log"), "--resume"], np=3)
     assert more.returncode == 0, more.stdout[-4000:]
     assert "resumed from 2 ranks onto 3: models averaged; momentum_buffer averaged; push-sum restarted from the " \
            "push-sum average; data re-split for 3 ranks" in more.stdout, more.stdout[-3000:]
     records = _records(tmp_path / "log")
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5] and _meta(ckpt)["ranks"] == 3
-    _continues(records, 3)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4] and _meta(ckpt)["ranks"] == 3
+    _continues(records, 2)
 
     again = _run([*args, "--log-dir", str(tmp_path / "resubmitted"), "--resume"], np=3)
     assert again.returncode == 0, again.stdout[-4000:]
-    assert f"the run in {ckpt} has finished its 5 epochs: nothing to train" in again.stdout, again.stdout[-3000:]
+    assert f"the run in {ckpt} has finished its 4 epochs: nothing to train" in again.stdout, again.stdout[-3000:]
     assert "Traceback" not in again.stdout and "MPI_ABORT" not in again.stdout, again.stdout[-3000:]
     assert _records(tmp_path / "resubmitted") == records  # the run's log, in the new directory
     assert (tmp_path / "resubmitted" / "curves.png").exists()
@@ -368,14 +383,14 @@ def test_gossiprun_config_file_timeline_and_logs(tmp_path):
     """One job under gossiprun, its output to a file: a --config file (the command line wins),
     --topology auto, the timeline (its path printed), the logs, and no progress bar in the file."""
     config = tmp_path / "run.toml"
-    config.write_text('algorithm = "decentlam"\ntopology = "auto"\nepochs = 2\nbatch-size = 32\nlr = 0.1\n')
+    config.write_text('algorithm = "decentlam"\ntopology = "auto"\nepochs = 3\nbatch-size = 32\nlr = 0.1\n')
     env = launch_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
     out = tmp_path / "slurm.out"
     with open(out, "w") as file:  # not a terminal, though Open MPI hands the ranks a pseudo-terminal
         done = subprocess.run([sys.executable, "-m", "gossip.tools.launch", "-np", "4", sys.executable, str(TRAIN),
-                               "--config", str(config), "--log-dir", str(tmp_path / "logs"), "--epochs", "3",
+                               "--config", str(config), "--log-dir", str(tmp_path / "logs"), "--epochs", "2",
                                "--timeline", str(tmp_path / "trace.json")],
                               stdout=file, stderr=subprocess.STDOUT, env=env, timeout=240, cwd=tmp_path)
     text = out.read_text()
@@ -384,7 +399,7 @@ def test_gossiprun_config_file_timeline_and_logs(tmp_path):
     assert "decentlam on auto, 4 ranks" in text and "auto: " in text.split("communication: ")[1].splitlines()[0]
     assert "<- chosen" in text and "chosen: " in text  # the scheduler's candidates and reason
     records = _records(tmp_path / "logs")
-    assert [r["epoch"] for r in records] == [1, 2, 3]  # --epochs 3 wins over the file's 2
+    assert [r["epoch"] for r in records] == [1, 2]  # --epochs 2 wins over the file's 3
     assert records[-1]["train_loss"] < records[0]["train_loss"] and records[-1]["test_accuracy_averaged"] > 0.5
     assert all(r["consensus_distance"] >= 0 and 0 <= r["communication_share"] <= 1 for r in records), records
     assert (tmp_path / "logs" / "log.csv").read_text().splitlines()[0].startswith("epoch,train_loss,test_accuracy")
@@ -478,14 +493,14 @@ def test_config_files_fail_in_one_line(tmp_path, capsys):
 
 
 @end_to_end
-@pytest.mark.parametrize("args,message", [
-    (["--topology", "hypercube"], "--topology 'hypercube' on 3 ranks"),  # found after gossip.init
-    (["--config", "{bad}"], "bad.toml: invalid TOML: "),  # found before (names the file, line and column)
+@pytest.mark.parametrize("args,np,message", [
+    (["--topology", "hypercube"], 3, "--topology 'hypercube' on 3 ranks"),  # found after gossip.init
+    (["--config", "{bad}"], 2, "bad.toml: invalid TOML: "),  # found before (names the file, line and column)
 ])
-def test_bad_settings_print_one_line_under_mpirun(args, message, tmp_path):
+def test_bad_settings_print_one_line_under_mpirun(args, np, message, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('algorithm = "dsgd"\nlr = 0.1\nepochs x\n')
-    done = _run([a.replace("{bad}", str(bad)) for a in args] + ["--log-dir", str(tmp_path)], np=3, timeout=120)
+    done = _run([a.replace("{bad}", str(bad)) for a in args] + ["--log-dir", str(tmp_path)], np=np, timeout=120)
     assert done.returncode == 2, done.stdout[-3000:]
     errors = [line for line in done.stdout.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0] and "line 3" in errors[0] if "TOML" in message \
@@ -505,10 +520,10 @@ def test_divergence_is_reported_with_the_step(tmp_path):
 @end_to_end
 def test_slowmo_header_and_communication_agree(tmp_path):
     """SlowMo over local SGD: the header says it averages every 4 steps and nothing in between;
-    the measured communication is the average's (12 steps per epoch: every epoch ends on one,
-    so the ranks' models are equal when measured)."""
+    the measured communication is the average's (2 ranks, batches of 64: 12 steps per epoch, so every
+    epoch ends on one, and the ranks' models are equal when measured)."""
     done = _run(["--algorithm", "slowmo", "--period", "4", "--slow-momentum", "0.5", "--lr", "0.3", "--epochs", "3",
-                 "--no-progress", "--log-dir", str(tmp_path)])
+                 "--batch-size", "64", "--no-progress", "--log-dir", str(tmp_path)], np=2)
     assert done.returncode == 0, done.stdout[-4000:]
     header = next(line for line in done.stdout.splitlines() if line.startswith("communication: "))
     assert "every 4 steps" in header and "exact average" in header and "nothing in between" in header, header
@@ -521,7 +536,7 @@ def test_slowmo_header_and_communication_agree(tmp_path):
 @end_to_end
 def test_growing_batches_train(tmp_path):
     done = _run(["--algorithm", "cr-psgd", "--batch-size", "8", "--batch-growth", "1.2", "--lr", "0.5",
-                 "--epochs", "6", "--no-progress", "--log-dir", str(tmp_path)])
+                 "--epochs", "6", "--no-progress", "--log-dir", str(tmp_path)], np=2)
     assert done.returncode == 0, done.stdout[-4000:]
     assert "batches growing 8 -> " in done.stdout, done.stdout[-3000:]
     records = _records(tmp_path)
@@ -532,11 +547,11 @@ def test_growing_batches_train(tmp_path):
 
 @end_to_end
 def test_asynchronous_gossip_trains(tmp_path):
-    """AD-PSGD on one-sided windows."""
-    done = _run(["--algorithm", "adpsgd", "--epochs", "3", "--no-progress", "--log-dir", str(tmp_path)])
+    """AD-PSGD on one-sided windows, 2 ranks (more ranks: tests/mpi_scripts/algorithms_async_gossip.py)."""
+    done = _run(["--algorithm", "adpsgd", "--epochs", "3", "--no-progress", "--log-dir", str(tmp_path)], np=2)
     assert done.returncode == 0, done.stdout[-4000:]
     records = _records(tmp_path)
-    assert len(records) == 3 and records[-1]["test_accuracy_averaged"] > 0.6, records[-1]  # DmSGD: 0.73
+    assert len(records) == 3 and records[-1]["test_accuracy_averaged"] > 0.6, records[-1]  # seen: 0.90
     assert records[-1]["consensus_distance"] > 0, records[-1]  # the models differ: gossip, not averaging
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gossip.tools.launch import fault_tolerant_flags
-from tests.mpi_harness import REPO, run_job, start_job
+from tests.mpi_harness import REPO, job_rank_pids, run_job, start_job
 
 TRAIN = REPO / "mpirun_examples" / "train.py"
 BOUND = 240.0  # seconds per job: 15 to 30 s on 2 cores; a hang ends the test well before this
@@ -31,34 +31,6 @@ def _command(args: list[str]) -> list[str]:
 
 def _log(directory: Path) -> dict:
     return json.loads((directory / "log.json").read_text())
-
-
-def _launch_rank(pid: int) -> int | None:
-    """The launch rank of a process of the job, from the variable mpirun gave it."""
-    try:
-        variables = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for item in variables:
-        if item.startswith(b"OMPI_COMM_WORLD_RANK="):
-            return int(item.split(b"=", 1)[1])
-    return None
-
-
-def _rank_pids(session: int) -> dict[int, int]:
-    """Launch rank -> pid of the train.py processes of the job started in session ``session``."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            sid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3])
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if sid == session and command[1:2] == [str(TRAIN).encode()]:
-            rank = _launch_rank(int(entry.name))
-            if rank is not None:
-                found[rank] = int(entry.name)
-    return found
 
 
 def _trained_through(log: dict, epochs: int) -> None:
@@ -81,7 +53,7 @@ def test_kill_minus_nine_and_the_logging_rank_dies_later(tmp_path):
         deadline = time.monotonic() + BOUND
         while not (logs / "log.json").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        pids = _rank_pids(proc.pid)
+        pids = job_rank_pids(proc.pid, TRAIN)
         assert 2 in pids and proc.poll() is None, f"the job did not reach its first epoch: {pids}"
         os.kill(pids[2], signal.SIGKILL)
         output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))

@@ -15,8 +15,10 @@ failed rank or a revoked communicator (posting an op on it fails at once) raises
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from gossip.ops import _checks as checks
@@ -122,3 +124,38 @@ def deliver(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is not None and result is not out:
         return out.copy_(result)
     return result
+
+
+def weight_map(weights: Mapping[int, float] | Sequence[int], what: str, own: int, count: int,
+               default: float | None, unit: str = "rank") -> dict[int, float]:
+    """``{index: weight}`` of per-call weights over ranks (``unit="rank"``) or machines: from a mapping,
+    or from a list of indices (each weight ``default``, or 1/(k + 1) for None). ValueError naming the
+    problem: an index that is not an integer, listed twice, out of ``range(count)`` or ``own`` (its
+    weight is the self weight), a weight that is not a finite number."""
+    def index(i: object) -> int:
+        if not isinstance(i, int | np.integer) or isinstance(i, bool):
+            raise ValueError(f"{what} names {i!r}, not a {unit} index")
+        return int(i)
+
+    if isinstance(weights, Mapping):
+        mapping = {}
+        for i, w in weights.items():
+            if not isinstance(w, int | float | np.number) or isinstance(w, bool):
+                raise ValueError(f"{what} gives {unit} {i} the weight {w!r}, not a number")
+            mapping[index(i)] = float(w)
+    elif isinstance(weights, Sequence | np.ndarray) and not isinstance(weights, str):
+        listed = [index(i) for i in weights]
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"{what} lists a {unit} twice: {listed}")
+        mapping = dict.fromkeys(listed, 1.0 / (len(listed) + 1) if default is None else default)
+    else:
+        raise ValueError(f"{what} must be a {{{unit}: weight}} mapping or a list of {unit}s, got {weights!r}")
+    own_name = "this rank itself" if unit == "rank" else f"this rank's own {unit}"
+    for i, w in mapping.items():
+        if not 0 <= i < count:
+            raise ValueError(f"{what} names {unit} {i}, out of range for {count} {unit}s")
+        if i == own:
+            raise ValueError(f"{what} names {own_name} ({i}); give its weight as self_weight")
+        if not math.isfinite(w):
+            raise ValueError(f"{what} gives {unit} {i} the non-finite weight {w}")
+    return mapping

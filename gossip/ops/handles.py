@@ -2,12 +2,15 @@
 
 Every handle with MPI requests is registered with the runtime's record of operations in flight
 (:mod:`gossip.transport._in_flight`), which keeps its buffers alive should the handle be dropped
-before ``wait()``. A handle whose operation was abandoned after a rank failure (fault-tolerant
-mode) raises :class:`gossip.RankFailure` from ``wait()``.
+before ``wait()``. A handle holds every buffer MPI reads or writes until the requests complete (the
+``keep`` argument, and whatever its finishing closure refers to), so the caller may drop its own
+references to the input tensor as soon as the op has started. A handle whose operation was
+abandoned after a rank failure (fault-tolerant mode) raises :class:`gossip.RankFailure` from ``wait()``.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,12 +28,16 @@ class Handle:
     Several handles may be in flight at once and may be waited on in any order. ``what``,
     ``peers`` (None: all ranks) and ``nbytes`` describe the op for the watchdog and the timeline.
     ``in_flight`` is the runtime's record (:class:`InFlight`), which keeps the op's buffers alive
-    should this handle be dropped before ``wait()``.
+    should this handle be dropped before ``wait()``. ``keep``: the buffers handed to MPI (send and
+    receive), referenced until the operation finishes, whether through this handle or, once it is
+    dropped, through the in-flight record.
     """
 
     def __init__(self, requests: list[MPI.Request], finish: Callable[[], torch.Tensor], *, what: str = "op",
                  peers: Sequence[int] | None = None, nbytes: int | None = None,
-                 in_flight: InFlight | None = None) -> None:
+                 in_flight: InFlight | None = None, keep: Sequence[object] = ()) -> None:
+        if keep:
+            finish = _holding(finish, tuple(keep))
         self._operation: Operation | None = Operation(requests, finish, what)
         self._result: torch.Tensor | None = None
         self.what, self.peers, self.nbytes = what, peers, nbytes
@@ -78,3 +85,12 @@ class Handle:
                                  op_args(self.peers, self.nbytes))
         assert self._result is not None
         return self._result
+
+
+def _holding(finish: Callable[[], torch.Tensor], keep: tuple) -> Callable[[], torch.Tensor]:
+    """``finish`` bound with ``keep`` (the buffers MPI uses), so that whoever holds the operation holds them."""
+    return functools.partial(_finish_keeping, finish, keep)
+
+
+def _finish_keeping(finish: Callable[[], torch.Tensor], keep: tuple) -> torch.Tensor:  # noqa: ARG001 - held
+    return finish()

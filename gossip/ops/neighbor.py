@@ -1,10 +1,11 @@
-"""Weighted neighbour averaging: ``neighbor_allreduce`` and ``neighbor_allgather``.
+"""Weighted neighbour averaging: ``neighbor_allreduce`` and its non-blocking twin.
 
 ``neighbor_allreduce`` is one step of linear averaging, x_i ← W_ii x_i + Σ_j W_ij x_j over the
 in-neighbours j (Xiao and Boyd, "Fast linear iterations for distributed averaging", Systems &
 Control Letters, 2004); with scaled sends (``dst_weights``) it is the push-sum step (Kempe, Dobra
 and Gehrke, "Gossip-based computation of aggregate information", FOCS 2003). The names and
-weight arguments follow BlueFog (Ying et al., arXiv:2111.04287, 2021).
+weight arguments follow BlueFog (Ying et al., arXiv:2111.04287, 2021), as does taking the
+weights as given: a row of W need not sum to 1 (neighbour sums, push-sum with any scales).
 
 On the static topology, a message of one chunk (``GOSSIP_MESSAGE_CHUNK_BYTES``, 1 MiB by
 default) moves with one MPI neighbourhood collective (``Neighbor_allgather`` on the dist-graph
@@ -37,8 +38,7 @@ from gossip.ops import _prologue as prologue
 from gossip.ops.handles import Handle
 from gossip.runtime import Runtime, current
 from gossip.transport import Route, RouteKind
-from gossip.transport._buffers import SUPPORTED_DTYPES, mpi_buffer
-from gossip.transport._graph_comm import WEIGHT_TOLERANCE
+from gossip.transport._buffers import mpi_buffer
 from gossip.transport._reduce import weighted_sum
 
 _TAG_DATA = 0x6701
@@ -61,28 +61,20 @@ class _Exchange:
 
 def _as_weight_map(weights: Mapping[int, float] | Sequence[int], what: str, rank: int, size: int,
                    default: float | None) -> dict[int, float]:
-    if isinstance(weights, Mapping):
-        mapping = {int(r): float(w) for r, w in weights.items()}
-    else:
-        ranks = [int(r) for r in weights]
-        if len(set(ranks)) != len(ranks):
-            raise ValueError(f"{what} lists a rank twice: {ranks}")
-        if default is None:
-            default = 1.0 / (len(ranks) + 1)
-        mapping = dict.fromkeys(ranks, default)
-    for r, w in mapping.items():
-        if not 0 <= r < size:
-            raise ValueError(f"{what} names rank {r}, out of range for {size} ranks")
-        if r == rank:
-            raise ValueError(f"{what} names this rank itself ({r}); give its weight as self_weight")
-        if not math.isfinite(w):
-            raise ValueError(f"{what} gives rank {r} the non-finite weight {w}")
-    return mapping
+    return prologue.weight_map(weights, what, rank, size, default)
 
 
-def _check_sum(total: float, what: str) -> None:
-    if abs(total - 1.0) > WEIGHT_TOLERANCE:
-        raise ValueError(f"{what} sum to {total:.9g}, not 1")
+def _self_weight(self_weight: float | None, default: float) -> float:
+    """The call's self weight: ``self_weight`` when given (finite), else ``default``."""
+    if self_weight is None:
+        return default
+    try:
+        weight = float(self_weight)
+    except (TypeError, ValueError):
+        raise TypeError(f"self_weight must be a number, got {type(self_weight).__name__}") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"self_weight is non-finite: {weight}")
+    return weight
 
 
 def _resolve(rt: Runtime, self_weight: float | None, src_weights: Weights, dst_weights: Weights) -> _Exchange:
@@ -100,22 +92,15 @@ def _resolve(rt: Runtime, self_weight: float | None, src_weights: Weights, dst_w
                 f"src_weights names ranks {outside} that are not in-neighbours {topo.sources} in the "
                 "static topology; pass dst_weights too for a dynamic exchange"
             )
-        sw = 1.0 - sum(src.values()) if self_weight is None else float(self_weight)
-        _check_sum(sw + sum(src.values()), "self_weight + src_weights")
+        sw = _self_weight(self_weight, 1.0 - sum(src.values()))
         weights = [src.get(j, 0.0) for j in topo.sources]
         return _Exchange(False, topo.sources, weights, topo.destinations, [], sw)
 
     dst = _as_weight_map(dst_weights, "dst_weights", rt.rank, rt.size, 1.0)
     src = {} if src_weights is None else _as_weight_map(src_weights, "src_weights", rt.rank, rt.size, None)
     scaled = any(w != 1.0 for w in dst.values())
-    if self_weight is None:
-        sw = 1.0 - sum(dst.values()) if scaled else 1.0 - sum(src.values())
-    else:
-        sw = float(self_weight)
-    if scaled:  # push-sum style: what a rank keeps plus what it sends must be its whole mass
-        _check_sum(sw + sum(dst.values()), "self_weight + dst_weights (scaled sends)")
-    else:
-        _check_sum(sw + sum(src.values()), "self_weight + src_weights")
+    # default: push-sum keeps what it does not send; plain averaging completes the row to 1
+    sw = _self_weight(self_weight, 1.0 - sum(dst.values()) if scaled else 1.0 - sum(src.values()))
     sources = sorted(src)
     destinations = sorted(dst)
     return _Exchange(True, sources, [src[j] for j in sources], destinations, [dst[d] for d in destinations], sw)
@@ -319,26 +304,35 @@ def neighbor_allreduce(
     dst_weights: Weights = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted average with in-neighbours: ``self_weight * x_i + sum_j src_weights[j] * x_j``.
+    """Weighted combination with in-neighbours: x_i ← w_ii x_i + Σ_j w_ij s_ji x_j.
 
-    Collective over all ranks. Returns a new tensor (or writes ``out``); ``tensor`` is untouched.
-    Any shape, contiguous or not; float32/float64/float16/bfloat16 (half types are reduced in
-    float32); CPU or CUDA.
+    ``w_ii`` is ``self_weight``, ``w_ij`` = ``src_weights[j]`` and ``s_ji`` what rank j scales its
+    send to rank i by (its ``dst_weights[i]``; 1 without scaled sends). Collective over all ranks.
+    Returns a new tensor (or writes ``out``); ``tensor`` is untouched. Any shape, contiguous or
+    not; float32/float64/float16/bfloat16 (half types are reduced in float32); CPU or CUDA.
+
+    The weights are taken as given: they need not sum to 1, nor be positive. Self weight 1 and
+    neighbour weights 1 give the plain sum over the closed neighbourhood; ``self_weight`` plus the
+    send scales need not be 1 either (push-sum with any split of the mass, Kempe, Dobra and
+    Gehrke, FOCS 2003). Weights must be finite and name ranks in range other than this one.
+    Equal weights (uniform averaging) are summed first and scaled once, so the uniform average
+    of float32 or half values is correctly rounded (:mod:`gossip.transport._reduce`).
 
     * No weights: the static topology's weights (:func:`gossip.set_topology`), one
       ``Neighbor_allgather`` on its dist-graph communicator.
-    * ``src_weights`` only (``{rank: weight}`` or a list of ranks for uniform weights): other
-      weights for some of the static topology's in-neighbours (the rest get 0), same transfer.
-      ``self_weight`` defaults to ``1 - sum(src_weights)``; the total must be 1.
+    * ``src_weights`` only (``{rank: weight}`` or a list of ranks for uniform weights
+      ``1/(len + 1)``): other weights for some of the static topology's in-neighbours (the rest
+      get 0), same transfer. ``self_weight`` defaults to ``1 - sum(src_weights)``.
     * ``dst_weights`` (``{rank: scale}`` or a list of ranks for scale 1): a dynamic exchange,
       point-to-point, with peers chosen per call. What goes to rank d is scaled by ``dst_weights[d]``
-      (applied by the receiver, so nothing is copied), as push-sum needs. With unit scales the
-      receive weights must sum to 1 with ``self_weight``; with scaled sends, ``self_weight`` plus
-      the scales must sum to 1 (default self_weight: whichever makes that so).
+      (applied by the receiver, so nothing is copied), as push-sum needs. ``self_weight``
+      defaults to ``1 - sum(dst_weights)`` with scaled sends (the mass not sent is kept), else
+      to ``1 - sum(src_weights)``.
 
-    With the cross-rank check on (default), a rank sending to one that does not receive from it,
-    shapes or dtypes that differ between neighbours, out-of-range ranks or bad weights raise
-    :class:`gossip.InputMismatchError` on every rank instead of hanging.
+    With the cross-rank check on (default), a rank sending to one that does not receive from it
+    (or receiving from one that does not send), shapes or dtypes that differ between neighbours,
+    out-of-range ranks or non-finite weights raise :class:`gossip.InputMismatchError` on every
+    rank, naming the rank, instead of hanging.
     """
     rt = current()
     exchange, route = _prepare(rt, tensor, "neighbor_allreduce", self_weight, src_weights, dst_weights, out,
@@ -346,40 +340,4 @@ def neighbor_allreduce(
     return _start(rt, tensor, exchange, route, out).wait()
 
 
-@prologue.failures_raised("neighbor_allgather")
-def neighbor_allgather(tensor: torch.Tensor) -> torch.Tensor:
-    """Collective: the static in-neighbours' tensors stacked, shape ``(indegree, *tensor.shape)``.
-
-    Row k is the value of ``gossip.in_neighbors()[k]``.
-    """
-    rt = current()
-    topo = rt.topology
-    problem = prologue.tensor_problem(tensor, "neighbor_allgather", SUPPORTED_DTYPES)
-    shape, dtype = (tuple(tensor.shape), str(tensor.dtype).replace("torch.", "")) if problem is None else (None, None)
-    prologue.agree(rt, "neighbor_allgather", (shape, dtype), None if problem is None else TypeError(problem),
-                   description=f"neighbor_allgather of shape {shape} {dtype}",
-                   sends_to=topo.destinations, receives_from=topo.sources)
-    x = tensor.detach().contiguous().view(-1)
-    d, n = len(topo.sources), x.numel()
-    result = torch.empty((d, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-    if not (topo.sources or topo.destinations):
-        return result
-    transport = rt.transport
-    route = transport.route(x)
-    send = transport.outgoing(x)
-    recv = transport.receiving(result.view(-1))
-    chunks = len(transport.chunk_spans(n, x.element_size())) if route.message_chunks else 1
-    rt.traffic.count_sends("neighbor_allgather", n * x.element_size(), len(topo.destinations), chunks)
-    if route.message_chunks:  # as neighbor_allreduce: chunks stream both ways
-        requests = _post_chunks(rt, topo.dist_comm, send, recv, n, topo.sources, topo.destinations)
-    else:
-        recvbuf = mpi_buffer(recv if d else send[:0])
-        recvbuf[1] = n
-        requests = [topo.dist_comm.Ineighbor_allgather(mpi_buffer(send), recvbuf)]
-    rt.watchdog.wait(requests, "neighbor_allgather", sorted({*topo.sources, *topo.destinations}))
-    transport.received(recv, result.view(-1))
-    transport.done_with(send, x)
-    return result
-
-
-__all__ = ["InputMismatchError", "neighbor_allgather", "neighbor_allreduce", "neighbor_allreduce_async"]
+__all__ = ["InputMismatchError", "neighbor_allreduce", "neighbor_allreduce_async"]

@@ -47,7 +47,7 @@ from mpi4py import MPI
 from gossip import runtime
 from gossip.errors import GossipError, RankFailure
 from gossip.transport._failures import FailureDetector, is_failure
-from gossip.transport._graph_comm import graph_problems
+from gossip.transport._graph_comm import StaticTopology, graph_problems
 
 Topology = nx.DiGraph | Callable[[int], nx.DiGraph]
 
@@ -106,11 +106,13 @@ def recover(topology: Topology | None = None, *, timeout: float | None = None) -
     while True:
         attempts += 1
         comm = _shrink(comm, rank)
-        graph = _graph_for(topology, builder, rt.topology.graph, comm.size, rank)
+        graph = _graph_for(topology, builder, rt.topology, comm.size, rank)
         built = None
         try:
             with FailureDetector(comm).guard("gossip.recover(): rebuilding the runtime"):
-                built = runtime.bind(comm, rt.settings, rt.origin, graph, rt.watchdog)
+                built = runtime.bind(comm, rt.settings, rt.origin, graph, rt.watchdog,
+                                     allow_negative=rt.topology.allow_negative,
+                                     any_row_sums=rt.topology.any_row_sums)
         except RankFailure:
             pass  # another rank died: the agreement below fails on every survivor alike
         if _agree(comm, built is not None, rank, deadline, limit):
@@ -160,9 +162,11 @@ def on_recover(callback: Callable[[Recovery], object]) -> Callable[[], None]:
     return remove
 
 
-def _graph_for(topology: Topology | None, builder: Callable[[int], nx.DiGraph] | None, previous: nx.DiGraph,
+def _graph_for(topology: Topology | None, builder: Callable[[int], nx.DiGraph] | None, static: StaticTopology,
                size: int, rank: int) -> nx.DiGraph:
-    """The static topology on ``size`` ranks, or GossipError (the same on every survivor)."""
+    """The static topology on ``size`` ranks, checked as the failed job's was (``static``: its negative
+    weights and row sums allowed or not), or GossipError (the same on every survivor)."""
+    previous = static.graph
     if topology is not None and builder is None:
         graph = topology
     elif builder is None:
@@ -174,7 +178,7 @@ def _graph_for(topology: Topology | None, builder: Callable[[int], nx.DiGraph] |
             graph = runtime.topology_for(builder, size, rank)
         except ValueError as error:
             raise GossipError(f"gossip.recover(): {error}; give gossip.recover(topology=...) another") from None
-    problems = graph_problems(graph, size)
+    problems = graph_problems(graph, size, static.allow_negative, static.any_row_sums)
     if problems:
         raise GossipError(f"rank {rank}: gossip.recover(): the topology for {size} ranks is invalid: {problems[0]}")
     return graph

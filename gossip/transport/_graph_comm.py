@@ -10,16 +10,18 @@ import numpy as np
 from mpi4py import MPI
 
 from gossip.errors import InputMismatchError
+from gossip.transport._waiting import Watchdog
 
 WEIGHT_TOLERANCE = 1e-6
 
 
-def graph_problems(graph: object, size: int, allow_negative: bool = False) -> list[str]:
+def graph_problems(graph: object, size: int, allow_negative: bool = False, any_row_sums: bool = False) -> list[str]:
     """Everything wrong with ``graph`` as a topology for ``size`` ranks (empty list if valid).
 
     Checks: a ``networkx.DiGraph``; nodes exactly ``0..size-1``; either no edge weighted (uniform
     weights are then used) or every edge weighted; finite weights, non-negative unless
-    ``allow_negative``; each receiver's weights (self-loop included) summing to 1.
+    ``allow_negative``; each receiver's weights (self-loop included) summing to 1 unless
+    ``any_row_sums``.
     """
     if not isinstance(graph, nx.DiGraph):
         return [f"topology must be a networkx.DiGraph, got {type(graph).__name__}"]
@@ -45,9 +47,12 @@ def graph_problems(graph: object, size: int, allow_negative: bool = False) -> li
         elif w < 0 and not allow_negative:
             problems.append(f"edge {j}->{i} has negative weight {w}")
         row_sums[i] += w
+    if any_row_sums:
+        return problems
     bad = [i for i in range(size) if abs(row_sums[i] - 1.0) > WEIGHT_TOLERANCE]
     for i in bad[:10]:
-        problems.append(f"weights received by rank {i} (self-loop included) sum to {row_sums[i]:.9g}, not 1")
+        problems.append(f"weights received by rank {i} (self-loop included) sum to {row_sums[i]:.9g}, not 1 "
+                        "(set_topology(..., allow_any_row_sums=True) takes weights as given)")
     return problems
 
 
@@ -63,7 +68,9 @@ class StaticTopology:
     """One rank's view of a validated static topology.
 
     ``sources`` are the in-neighbours in the order their values arrive from
-    ``Neighbor_allgather``; ``src_weights[k]`` is the weight for ``sources[k]``.
+    ``Neighbor_allgather``; ``src_weights[k]`` is the weight for ``sources[k]``. ``allow_negative``
+    and ``any_row_sums`` are the checks the graph was accepted under (:func:`graph_problems`), for
+    a graph rebuilt from the same builder.
     """
 
     graph: nx.DiGraph
@@ -72,6 +79,8 @@ class StaticTopology:
     self_weight: float
     src_weights: list[float]
     dist_comm: MPI.Topocomm
+    allow_negative: bool = False
+    any_row_sums: bool = False
 
     def free(self) -> None:
         """Release the dist-graph communicator."""
@@ -79,17 +88,26 @@ class StaticTopology:
             self.dist_comm.Free()
 
 
-def build_static_topology(comm: MPI.Comm, graph: nx.DiGraph, allow_negative: bool = False) -> StaticTopology:
-    """Collective: validate ``graph`` on every rank, check that all ranks hold the same graph,
-    and create its dist-graph communicator (``MPI_Dist_graph_create_adjacent``).
+def build_static_topology(comm: MPI.Comm, graph: nx.DiGraph, allow_negative: bool = False,
+                          any_row_sums: bool = False, *, watchdog: Watchdog | None = None,
+                          what: str = "set_topology") -> StaticTopology:
+    """Collective: validate ``graph`` on every rank (:func:`graph_problems`), check that all ranks
+    hold the same graph, and create its dist-graph communicator
+    (``MPI_Dist_graph_create_adjacent``, MPI-3.1 §7.5.4).
 
     Raises :class:`InputMismatchError` on every rank if any rank's graph is invalid or differs.
+    With a ``watchdog``, the agreement (one ``MPI_Iallreduce``, which every rank must reach
+    before the blocking creation) waits under it: a rank far behind raises
+    :class:`gossip.OpTimeoutError` naming ``what`` on the others.
     """
-    problems = graph_problems(graph, comm.size, allow_negative)
+    problems = graph_problems(graph, comm.size, allow_negative, any_row_sums)
     fingerprint = 0 if problems else graph_fingerprint(graph)
     local = np.array([1 if problems else 0, fingerprint, -fingerprint], dtype=np.int64)
-    agreed = np.empty_like(local)
-    comm.Allreduce(local, agreed, op=MPI.MAX)
+    agreed = np.zeros_like(local)
+    if watchdog is None:
+        comm.Allreduce(local, agreed, op=MPI.MAX)
+    else:
+        watchdog.wait([comm.Iallreduce(local, agreed, op=MPI.MAX)], what)
     if agreed[0] or agreed[1] != -agreed[2]:
         fingerprints = comm.allgather(fingerprint)
         lines = [f"rank {comm.rank}: {p}" for p in problems]
@@ -117,4 +135,5 @@ def build_static_topology(comm: MPI.Comm, graph: nx.DiGraph, allow_negative: boo
         self_weight = 1.0 / (len(sources) + 1)
         src_weights = [self_weight] * len(sources)
     dist_comm = comm.Create_dist_graph_adjacent(sources, destinations, reorder=False)
-    return StaticTopology(graph, sources, destinations, self_weight, src_weights, dist_comm)
+    return StaticTopology(graph, sources, destinations, self_weight, src_weights, dist_comm, allow_negative,
+                          any_row_sums)

@@ -7,7 +7,8 @@ op counts when it starts. What is counted is the op's data, the bytes of the mes
 
 * neighbour averaging, static or with per-call peers (``neighbor_allreduce``, ``neighbor_allgather``):
   m per out-neighbour, one message per out-neighbour and chunk (``message_chunk_bytes``); with
-  ``dst_weights``, 8 bytes of scale and one message more per destination;
+  ``dst_weights``, 8 bytes of scale and one message more per destination (the 8-byte first dimensions
+  ``neighbor_allgather`` and ``allgather`` exchange before their data are not counted);
 * ``allreduce`` (a model): 2(n − 1)·m / n (integer division), 2(n − 1) messages: a ring allreduce's
   bytes per rank (reduce-scatter, then allgather); half types count as the float32 they are reduced in;
 * ``broadcast``, ``broadcast_parameters`` (a model): (n − 1)·m and n − 1 messages on the root, nothing
@@ -21,7 +22,8 @@ op counts when it starts. What is counted is the op's data, the bytes of the mes
   target sends them: one-sided);
 * the parameter server: every message sent, whole (gradients, parameters, indices, stops);
 * the compressed ops: the compressed message's m per destination, one message per destination and
-  chunk; ``compressed_allreduce`` by the allgather model, (n − 1)·m.
+  chunk; ``compressed_allreduce``: its reduce-scatter exactly as handed to MPI (each other rank's block, in
+  chunks) plus the allgather model for its own reduced block, (n − 1)·m_r.
 
 **Collectives are models.** MPI chooses its own algorithm for ``MPI_Allreduce``, ``MPI_Bcast`` and
 ``MPI_Allgatherv`` (Open MPI's ``coll/tuned`` picks by size and rank count: recursive doubling sends

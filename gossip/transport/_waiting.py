@@ -2,11 +2,12 @@
 
 The runtime owns one :class:`Watchdog`; every op's wait (non-blocking handles, the blocking
 collectives, shared memory, staging and the cross-rank input check) goes through its
-:meth:`Watchdog.wait`. With an op timeout (``gossip.init(op_timeout=...)``,
-``GOSSIP_OP_TIMEOUT`` or :func:`gossip.set_op_timeout`) the wait polls instead of blocking and,
-past the timeout, raises :class:`gossip.OpTimeoutError` naming the op and the ranks it waits for;
-the runtime's abort-on-error hook then ends the whole job instead of letting it hang. Without a
-timeout it is a plain ``MPI_Waitall``.
+:meth:`Watchdog.wait`, and every collective MPI call that can only block (creating or freeing a
+communicator or a window) is preceded by its :meth:`Watchdog.fence`. With an op timeout
+(``gossip.init(op_timeout=...)``, ``GOSSIP_OP_TIMEOUT`` or :func:`gossip.set_op_timeout`) the wait
+polls instead of blocking and, past the timeout, raises :class:`gossip.OpTimeoutError` naming the
+op and the ranks it waits for; the runtime's abort-on-error hook then ends the whole job instead
+of letting it hang. Without a timeout it is a plain ``MPI_Waitall``.
 
 In fault-tolerant mode (:mod:`gossip.transport._failures`) every wait polls: each request's state
 with ``MPI_Request_get_status``, which drives MPI's progress and frees nothing, and between polls
@@ -126,6 +127,18 @@ class Watchdog:
         end = time.perf_counter()
         self.waited += end - begin
         return begin, end
+
+    def fence(self, comm: MPI.Comm, what: str, peers: Sequence[int] | None = None) -> None:
+        """Collective over ``comm``: return once every rank of ``comm`` has called it, under the
+        same watchdog as :meth:`wait` (``MPI_Ibarrier``, MPI-3.1 §5.12.1).
+
+        Called right before a blocking collective (communicator or window creation, ``MPI_Comm_free``,
+        ``MPI_Win_free``) so that a rank far behind, or dead, raises :class:`gossip.OpTimeoutError`
+        or :class:`gossip.RankFailure` naming the op ``what`` instead of leaving the others blocked
+        inside MPI; once the fence has passed, every rank is in the collective. Every rank must
+        call it, whatever its own timeout: it costs one barrier's latency.
+        """
+        self.wait([comm.Ibarrier()], what, peers)
 
     def completed(self, requests: Sequence[MPI.Request], what: str) -> bool:
         """True (and the requests freed) if every request has completed; never blocks. In

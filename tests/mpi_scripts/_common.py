@@ -97,3 +97,38 @@ def take_steps(opt, model: torch.nn.Module, steps, loss_of) -> list[torch.Tensor
         opt.step()
         out.append(opt.x.clone())
     return out
+
+
+def small_model(hidden: int, seed: int = 0) -> torch.nn.Module:
+    """A float64 two-layer network (6 → ``hidden`` → 3), different on every rank (an optimizer that
+    starts every rank equal must broadcast rank 0's values)."""
+    torch.manual_seed(100 * seed + GROUP.rank)
+    return torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3)).double().to(
+        device())
+
+
+def small_model_loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """``small_model``'s loss at ``step`` on this rank's batch: heterogeneous data (a different mean per rank)."""
+    g = torch.Generator().manual_seed(1000 * step + GROUP.rank)
+    x = (torch.randn(16, 6, generator=g) + GROUP.rank).double()
+    y = torch.randint(0, 3, (16,), generator=g)
+    return torch.nn.functional.cross_entropy(model(x.to(device())), y.to(device()))
+
+
+def gather_rows(t: torch.Tensor) -> np.ndarray:
+    """Every rank's value of ``t`` (float64), stacked in rank order."""
+    return np.stack(GROUP.allgather(t.detach().double().cpu().numpy().copy()))
+
+
+def adamw_reference(lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
+    """torch.optim.AdamW in NumPy on the (n, d) state (decoupled decay, bias-corrected moments):
+    ``update(x, g, state) -> x'``."""
+    def update(x, g, state):
+        b1, b2 = betas
+        t = state["t"] = state.get("t", 0) + 1
+        x = x * (1 - lr * weight_decay)
+        state["m"] = b1 * state.get("m", 0.0) + (1 - b1) * g
+        state["v"] = b2 * state.get("v", 0.0) + (1 - b2) * g * g
+        denom = np.sqrt(state["v"]) / np.sqrt(1 - b2 ** t) + eps
+        return x - lr / (1 - b1 ** t) * state["m"] / denom
+    return update

@@ -17,36 +17,37 @@ import sys
 
 import numpy as np
 import torch
-from _common import GROUP, Skip, device, expect_error, param, take_steps
+from _common import (
+    GROUP,
+    Skip,
+    adamw_reference,
+    expect_error,
+    gather_rows,
+    param,
+    small_model,
+    small_model_loss,
+    take_steps,
+)
 
 import algorithms
 import gossip
 import topologies
-from algorithms.diloco import fragment_bounds, fragment_offsets
+from algorithms.diloco import StreamingDiLoCo, fragment_bounds, fragment_offsets
 from gossip.plan.cost_model import CostModel, LinkCost
 
 N = GROUP.size
 R = GROUP.rank
 TOL = 1e-10
-HIDDEN = int(param("hidden", 5))  # 30000: float64 messages of 2.4 MB (several chunks)
+HIDDEN = int(param("hidden", 5))  # 3000 with 16 KiB chunks: float64 messages of 240 kB in 15 chunks
 LARGE = HIDDEN > 1000
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(100 * seed + R)  # different on every rank: the optimizer must broadcast rank 0's
-    return torch.nn.Sequential(torch.nn.Linear(6, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 3)).double().to(
-        device())
+    return small_model(HIDDEN, seed)
 
 
-def loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 * step + R)
-    x = (torch.randn(16, 6, generator=g) + R).double()  # heterogeneous data: a different mean per rank
-    y = torch.randint(0, 3, (16,), generator=g)
-    return torch.nn.functional.cross_entropy(model(x.to(device())), y.to(device()))
-
-
-def gather(t: torch.Tensor) -> np.ndarray:
-    return np.stack(GROUP.allgather(t.detach().double().cpu().numpy().copy()))
+loss_of = small_model_loss
+gather = gather_rows
 
 
 def train(opt, model, steps) -> list[torch.Tensor]:
@@ -65,15 +66,8 @@ def inner_update(name: str, hyper: dict, lr: float):
             g = g + beta * state["m"] if hyper.get("nesterov") else state["m"]
         return x - lr * g
 
-    def adamw(x, g, state):
-        b1, b2 = hyper.get("betas", (0.9, 0.999))
-        eps, wd = hyper.get("eps", 1e-8), hyper.get("weight_decay", 0.01)
-        t = state["t"] = state.get("t", 0) + 1
-        x = x * (1 - lr * wd)
-        state["m"] = b1 * state.get("m", 0.0) + (1 - b1) * g
-        state["v"] = b2 * state.get("v", 0.0) + (1 - b2) * g * g
-        denom = np.sqrt(state["v"]) / np.sqrt(1 - b2 ** t) + eps
-        return x - lr / (1 - b1 ** t) * state["m"] / denom
+    adamw = adamw_reference(lr, hyper.get("weight_decay", 0.01), hyper.get("betas", (0.9, 0.999)),
+                            hyper.get("eps", 1e-8))
 
     return {"sgd": sgd, "adamw": adamw}[name]
 
@@ -335,8 +329,10 @@ def test_describe_and_refusals():
 
 
 def test_compressed_pseudo_gradients():
-    """bf16 on the wire: θ ← θ − (1/n) Σ_i bf16(θ − x_i), summed in float64 in rank order (outer SGD lr 1,
-    momentum 0); the bytes counted are the messages handed to MPI. Random rounding (int8) round-trips."""
+    """bf16 on the wire both ways: θ ← θ − bf16((1/n) Σ_i bf16(θ − x_i)), summed in float64 in rank order
+    (outer SGD lr 1, momentum 0): the reduce-scatter sends each rank's pseudo-gradient in bf16, the
+    allgather the mean in bf16; the bytes counted are those messages: each other rank's block and
+    n − 1 copies of this rank's. Random rounding (int8) round-trips."""
     if LARGE:
         raise Skip("small models only")
     model = make_model(seed=9)
@@ -356,14 +352,65 @@ def test_compressed_pseudo_gradients():
             total = np.zeros_like(start)
             for row in wire:
                 total = total + row
-            start = start - total / N
+            start = start - torch.from_numpy(total / N).to(torch.bfloat16).double().numpy()
             x = np.tile(start, (N, 1))
         err = np.abs(gather(opt.x) - x).max() / max(1.0, np.abs(x).max())
         assert err < TOL, f"rank {R}: bf16 step {k}: off by {err:.3g}"
-    assert opt.compressor.bytes_sent == 3 * (N - 1) * 2 * opt.x.numel(), opt.compressor.bytes_sent
+    d = opt.x.numel()
+    blocks = [d // N + (b < d % N) for b in range(N)]  # rank b reduces the b-th of N near-equal blocks
+    per_round = 2 * (sum(blocks) - blocks[R]) + 2 * (N - 1) * blocks[R]
+    assert opt.compressor.bytes_sent == 3 * per_round, (opt.compressor.bytes_sent, per_round)
     assert "compressed (BFloat16)" in opt.describe(), opt.describe()
     opt.close()
     round_trip("streaming-diloco", {**STREAM, "delay": 2, "compressor": "int8"}, 8, 16, [1])
+
+
+class Blocking(StreamingDiLoCo):
+    """Streaming DiLoCo with every average completed at its sync step: the plan's own blocking ops
+    (``gossip.allreduce``, blocking hierarchical averaging) and the blocking ``compressed_allreduce``."""
+
+    def _start_average(self, p: int, round_: int) -> None:
+        a, b = self.fragments[p]
+        message, out = self._message[a:b], self._received[a:b]
+        if self.exact:
+            torch.sub(self.start[a:b], self.x[a:b], out=message)
+        else:
+            message.copy_(self.x[a:b])
+        if self.compressor is not None:
+            gossip.compressed_allreduce(message, self.compressor, out=out)
+        else:
+            self.schedule.plan(round_).start(message, out).wait()
+        self._in_flight[p] = None
+
+
+def test_overlapped_averages_equal_blocking_ones():
+    """The averages run in the background for the τ steps of the overlap (their MPI requests still
+    pending after the step that posts them), and the run is bitwise the one in which each average
+    completes at its sync step: exact, compressed (int8 with stochastic rounding, bf16) and hierarchical."""
+    cases = [{"delay": 3}, {"delay": 2, "compressor": "int8"}, {"delay": 1, "compressor": "bf16", "mix": 0.0},
+             {"delay": 2, "topology": "hierarchical"}]
+    for case in cases[:1] if LARGE else cases:
+        hyper = {**STREAM, **case}
+        runs = []
+        for cls in (StreamingDiLoCo, Blocking):
+            model = make_model(seed=12)
+            opt = cls(model.parameters(), **hyper)
+            steps, pending = [], 0
+            for k in range(14):
+                opt.zero_grad()
+                loss_of(model, k).backward()
+                started = [p for p in range(len(opt.fragments)) if opt._round(p, k + 1) is not None]
+                opt.step()
+                steps.append(opt.x.clone())
+                for p in started:
+                    handle = opt._in_flight.get(p)
+                    pending += handle is not None and handle._operation is not None and bool(handle._operation.requests)
+            runs.append(steps)
+            if cls is StreamingDiLoCo and "topology" not in case:  # one machine: no exchange between machines
+                assert pending >= 3, f"rank {R}: {case}: only {pending} averages were left in flight"
+            opt.close()
+        for k, (a, b) in enumerate(zip(*runs, strict=True)):
+            assert torch.equal(a, b), f"rank {R}: {case}: step {k}: the overlapped run differs from the blocking one"
 
 
 # --- after a rank failure: ``python algorithms_diloco.py recovery`` under mpirun --with-ft ulfm ------------

@@ -48,12 +48,13 @@ def test_rank_out_of_range():
     _still_works()
 
 
-def test_weights_not_summing_to_one():
+def test_non_finite_weights():
+    # weights need not sum to 1 (tests/mpi_scripts/neighbor_weights.py), but must be finite
     src = {(R - 1) % N: 0.4} if N > 1 else {}
-    self_weight = 0.5 if R == 1 % N else 1.0 - sum(src.values())
+    self_weight = float("nan") if R == 1 % N else 0.6
     _expect_error(lambda: gossip.neighbor_allreduce(torch.ones(2), self_weight=self_weight, src_weights=src,
                                                     dst_weights=[(R + 1) % N] if N > 1 else []),
-                  f"rank {1 % N}", "sum to")
+                  f"rank {1 % N}", "self_weight is non-finite")
     _still_works()
 
 
@@ -67,7 +68,9 @@ def test_graph_with_wrong_nodes():
 def test_graph_with_bad_weights():
     graph = topologies.ring(N)
     graph[0][0]["weight"] += 0.25
-    _expect_error(lambda: gossip.set_topology(graph), "weights received by rank 0", "not 1")
+    _expect_error(lambda: gossip.set_topology(graph), "weights received by rank 0", "not 1", "allow_any_row_sums")
+    graph[0][0]["weight"] = float("inf")
+    _expect_error(lambda: gossip.set_topology(graph, allow_any_row_sums=True), "edge 0->0 has non-finite weight")
     negative = topologies.from_matrix(2 * torch.eye(N).numpy() - topologies.mixing_matrix(topologies.ring(N)))
     if N > 1:
         _expect_error(lambda: gossip.set_topology(negative), "negative weight")

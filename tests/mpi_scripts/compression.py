@@ -16,6 +16,7 @@ from _common import GROUP, device, expect_error, gathered, param
 import gossip
 import topologies
 from algorithms.choco_sgd import ChocoSGD
+from gossip.ops.compressed import compressed_allreduce_async
 
 N = GROUP.size
 R = GROUP.rank
@@ -66,9 +67,10 @@ def deterministic() -> list[gossip.Compressor]:
 
 
 def values(seed: int, rank: int = R) -> torch.Tensor:
-    """``rank``'s float32 test tensor: distinct magnitudes in (0, 3] (no tie for top-k to break), random signs."""
+    """``rank``'s float32 test tensor: random signs and magnitudes in (0, 3], distinct over the elements of all
+    ranks (no tie for top-k to break, even in a sum's blocks, which hold several ranks' values)."""
     g = torch.Generator().manual_seed(1000 * seed + rank)
-    magnitudes = (torch.randperm(NUMEL, generator=g).double() + 1) * (3.0 / NUMEL)
+    magnitudes = (torch.randperm(NUMEL, generator=g).double() * N + rank + 1) * (3.0 / (N * NUMEL))
     signs = torch.randint(0, 2, (NUMEL,), generator=g).double() * 2 - 1
     return (magnitudes * signs).float().to(device())
 
@@ -82,51 +84,134 @@ def close(got: torch.Tensor, want: np.ndarray, what: str, rtol: float = 1e-6) ->
 
 # --- the ops ---------------------------------------------------------------------------------------
 
-def test_compressed_allreduce_is_the_mean_of_the_decompressed_messages():
-    """Deterministic compressors: the result is the mean over ranks of NumPy's round trip of each
-    rank's tensor; ``sent`` is this rank's own; the bytes counted are (n − 1) exact message sizes."""
+def spans(numel: int) -> list[tuple[int, int]]:
+    """The blocks of the compressed allreduce: rank b reduces the b-th of N contiguous blocks, the first
+    numel mod N of them one element longer than the rest."""
+    bounds, at = [], 0
+    for b in range(N):
+        length = numel // N + (1 if b < numel % N else 0)
+        bounds.append((at, at + length))
+        at += length
+    return bounds
+
+
+def np_two_stage(c: gossip.Compressor, rows: np.ndarray, op: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """The compressed reduce-scatter and allgather in NumPy: (the result, each rank's blocks after stage 1).
+    Stage 1 decodes every rank's block, sums in float32 in rank order and divides by N in float32;
+    stage 2 is the round trip of that reduced block."""
+    numel = rows.shape[1]
+    first, result = np.zeros_like(rows), np.zeros(numel)
+    for a, b in spans(numel):
+        if b == a:
+            continue
+        decoded = np.stack([np_roundtrip(c, row[a:b], torch.float32) for row in rows])
+        first[:, a:b] = decoded
+        acc = np.zeros(b - a, dtype=np.float32)
+        for row in decoded:
+            acc = acc + row.astype(np.float32)
+        if op == "mean":
+            acc = acc / np.float32(N)
+        result[a:b] = np_roundtrip(c, acc.astype(np.float64), torch.float32)
+    return result, first
+
+
+def wire_counts(c: gossip.Compressor, numel: int) -> tuple[int, int]:
+    """(bytes, messages) this rank hands MPI: every other rank's block once, its own reduced block N − 1 times."""
+    sizes = [c.wire_bytes(b - a) if b > a else 0 for a, b in spans(numel)]
+    others = [size for k, size in enumerate(sizes) if k != R and size]
+    return sum(others) + (N - 1) * sizes[R], len(others) + (N - 1 if sizes[R] else 0)
+
+
+def test_compressed_allreduce_is_a_compressed_reduce_scatter_and_allgather():
+    """Deterministic compressors: the result is NumPy's two-stage computation (stage-1 round trip of every
+    rank's block, float32 sum, stage-2 round trip of the reduced block), bitwise equal on every rank;
+    ``sent`` is this rank's stage-1 blocks; the bytes counted, by the compressor and by gossip.traffic,
+    are the messages' exact sizes: 2(N − 1)/N compressed copies of the tensor."""
     for k, c in enumerate(deterministic()):
         x = values(k)
         own = torch.empty_like(x)
+        gossip.reset_traffic()
         result = gossip.compressed_allreduce(x, c, sent=own)
-        rows = gathered(x)
-        decoded = np.stack([np_roundtrip(c, row, torch.float32) for row in rows])
-        close(own, decoded[R], f"{c}: sent", rtol=1e-6)
-        close(result, decoded.mean(axis=0), f"{c}: compressed_allreduce mean")
+        want, first = np_two_stage(c, gathered(x))
+        close(own, first[R], f"{c}: sent", rtol=1e-6)
+        close(result, want, f"{c}: compressed_allreduce mean")
+        everyone = gathered(result)
+        assert (everyone == everyone[0]).all(), f"rank {R}: {c}: the ranks' results differ"
         assert result.dtype == x.dtype and result.shape == x.shape
-        assert c.bytes_sent == (N - 1) * c.wire_bytes(NUMEL) and c.messages_sent == N - 1, (c, c.bytes_sent)
+        nbytes, messages = wire_counts(c, NUMEL)
+        assert c.bytes_sent == nbytes and c.messages_sent == messages, (c, c.bytes_sent, nbytes)
+        assert gossip.traffic().by_op.get("compressed_allreduce", (0, 0))[0] == nbytes, gossip.traffic()
+        if N > 1:
+            whole = c.wire_bytes(NUMEL)
+            assert nbytes <= 2 * (N - 1) * whole // N + 2 * N * 256, (nbytes, whole)  # a few block scales more
         summed = gossip.compressed_allreduce(x, c, "sum")
-        close(summed, decoded.sum(axis=0), f"{c}: compressed_allreduce sum", rtol=2e-6)
+        close(summed, np_two_stage(c, gathered(x), "sum")[0], f"{c}: compressed_allreduce sum", rtol=2e-6)
+    tiny = values(5)[:2].contiguous()  # fewer elements than ranks: empty blocks send nothing
+    c = gossip.Int8(block=100, rounding="nearest")
+    close(gossip.compressed_allreduce(tiny, c), np_two_stage(c, gathered(tiny))[0], "two elements")
+    assert c.bytes_sent == wire_counts(c, 2)[0]
 
 
-def test_stochastic_compressors_sum_what_each_rank_sent():
-    """Stochastic rounding and random-k: the op sums exactly the values each rank's message decodes
-    to (gathered through ``sent``); random-k with a shared seed picks the same indices on every rank."""
+def test_compressed_allreduce_async_overlaps_the_allgather():
+    """Two compressed allreduces in flight, waited on in reverse order: each equals the blocking op, bitwise."""
+    c = gossip.Int8(block=100, rounding="nearest")
+    a, b = values(30), values(31)
+    first = compressed_allreduce_async(a, c)
+    second = compressed_allreduce_async(b, c, "sum")
+    got_b, got_a = second.wait(), first.wait()
+    assert torch.equal(got_a, gossip.compressed_allreduce(a, c))
+    assert torch.equal(got_b, gossip.compressed_allreduce(b, c, "sum"))
+
+
+def test_stochastic_compressors_reduce_what_each_rank_sent():
+    """Stochastic rounding and random-k: stage 1 reduces exactly the values each rank's blocks decode to
+    (gathered through ``sent``); stage 2 rounds the reduced block once more, within one level of each
+    quantizer block's scale, and random-k with a shared seed keeps the same indices on every rank and
+    in both stages, so it returns that mean."""
     for k, c in enumerate([gossip.Int8(seed=R), gossip.Int4(seed=7 + R), gossip.RandomK(0.1, seed=3)]):
         x = values(10 + k)
         own = torch.empty_like(x)
         result = gossip.compressed_allreduce(x, c, sent=own)
         sent = gathered(own)
-        close(result, sent.mean(axis=0), f"{c}: mean of what was sent")
+        mean = np.zeros(NUMEL, dtype=np.float32)
+        for row in sent:
+            mean = mean + row.astype(np.float32)
+        mean = (mean / np.float32(N)).astype(np.float64)
+        everyone = gathered(result)
+        assert (everyone == everyone[0]).all(), f"rank {R}: {c}: the ranks' results differ"
         if isinstance(c, gossip.RandomK):
+            close(result, mean, f"{c}: mean of what was sent")
             support = sent != 0
             assert (support == support[0]).all(), "random-k with a shared seed: the same indices on every rank"
-            assert support[0].sum() <= c.kept(NUMEL)
-        assert c.bytes_sent == (N - 1) * c.wire_bytes(NUMEL)
+            assert support[0].sum() <= sum(c.kept(b - a) for a, b in spans(NUMEL))
+        else:
+            for a, b in spans(NUMEL):
+                block = np.zeros(-(-(b - a) // c.block) * c.block)
+                block[:b - a] = mean[a:b]
+                scale = np.abs(block.reshape(-1, c.block)).max(axis=1) / c.levels
+                bound = np.repeat(scale, c.block)[:b - a] * (1 + 1e-5) + 1e-7
+                err = np.abs(result.cpu().double().numpy()[a:b] - mean[a:b])
+                assert (err <= bound).all(), f"rank {R}: {c}: stage 2 off by {float((err / bound).max()):.3g} levels"
+        assert c.bytes_sent == wire_counts(c, NUMEL)[0]
 
 
 def test_bfloat16_on_the_wire_is_summed_in_float32():
-    """1 + r/128 is exact in bfloat16, but the sum over ranks needs more than bfloat16's 8 bits: a
-    sum in bfloat16 would round it, the float32 sum is exact."""
+    """1 + r/128 is exact in bfloat16, but the sum over ranks needs more than bfloat16's 8 bits: the
+    float32 sum is exact and goes back on the wire rounded once, bf16(Σ); a running sum in bfloat16
+    would round at every addition and end elsewhere."""
     x = torch.full((NUMEL,), 1.0 + R / 128.0, device=device())
     exact = sum(1.0 + r / 128.0 for r in range(N))
+    once = float(torch.tensor(exact).to(torch.bfloat16))
     got = gossip.compressed_allreduce(x, gossip.BFloat16(), "sum")
     assert got.dtype == torch.float32
-    assert bool((got == exact).all()), f"rank {R}: {got[:3]} != {exact}"
-    if N >= 4:
-        assert float(torch.tensor(exact).to(torch.bfloat16)) != exact  # what a bfloat16 sum would lose
+    assert bool((got == once).all()), f"rank {R}: {got[:3]} != {once}"
+    running = torch.tensor(0.0, dtype=torch.bfloat16)
+    for r in range(N):
+        running = running + torch.tensor(1.0 + r / 128.0, dtype=torch.bfloat16)
+    if N >= 3:
+        assert float(running) != once  # what a bfloat16 sum would give
     half = gossip.compressed_allreduce(x.to(torch.bfloat16), gossip.BFloat16(), "sum")
-    assert half.dtype == torch.bfloat16 and bool((half.float() == torch.tensor(exact).to(torch.bfloat16)).all())
+    assert half.dtype == torch.bfloat16 and bool((half.float() == once).all())
 
 
 def test_compressed_neighbor_allreduce_static_and_dynamic():

@@ -88,10 +88,13 @@ def test_non_contiguous_input_and_out():
 
 
 def test_large_message():
+    """4 MB: several message chunks; at most 4096 staging chunks (the staged CPU run's 64-byte chunks
+    make it 256 kB: the pipeline's every path many times over, without 65536 copies each way)."""
     gossip.set_topology(topologies.exponential_two(N))
-    x = rank_values((1 << 20,), torch.float32, seed=5)
+    numel = min(1 << 20, 4096 * gossip.settings().staging_chunk_bytes // 4)
+    x = rank_values((numel,), torch.float32, seed=5)
     w = topologies.mixing_matrix(topologies.exponential_two(N))
-    assert_close(gossip.neighbor_allreduce(x), w[R] @ gathered(x), torch.float32, "4 MB message")
+    assert_close(gossip.neighbor_allreduce(x), w[R] @ gathered(x), torch.float32, f"{4 * numel} B message")
 
 
 def test_src_weights_on_static_neighbours():
@@ -113,7 +116,7 @@ def test_src_weights_on_static_neighbours():
 def test_neighbor_allgather_order():
     gossip.set_topology(topologies.ring(N))
     x = rank_values((2, 3), torch.float32)
-    got = gossip.neighbor_allgather(x)
+    got = gossip.neighbor_allgather(x).view(-1, *x.shape)  # the sources' tensors concatenated along dim 0
     rows = gathered(x)
     assert got.shape == (len(gossip.in_neighbors()), 2, 3)
     for k, j in enumerate(gossip.in_neighbors()):

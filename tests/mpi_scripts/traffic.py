@@ -233,13 +233,26 @@ def test_parameter_server_messages():
 
 def test_compressed_ops():
     numel = 1000 if chunk_bytes() > 4096 else 9000  # past one chunk when message_chunk_bytes is 4096
-    int8 = numel + 4 * math.ceil(numel / 256)  # Int8's wire format: one byte per value, a float32 scale per block
-    top = 2 * math.ceil(0.01 * numel) * 4  # TopK(0.01): int32 index and float32 value per kept element
+    def int8_of(k: int) -> int:  # Int8's wire format: one byte per value, a float32 scale per block of 256
+        return k + 4 * math.ceil(k / 256)
+
+    def top_of(k: int) -> int:  # TopK(0.01): int32 index and float32 value per kept element
+        return 2 * math.ceil(0.01 * k) * 4
+
+    int8 = int8_of(numel)
     degree = out_degree(gossip.topology(), R)
-    for compressor, wire in ((gossip.Int8(seed=R), int8), (gossip.TopK(0.01), top)):
+    # compressed_allreduce: rank b owns block b (sizes differ by at most one element); each other rank's
+    # block goes to its owner compressed (in chunks), then this rank's reduced block, compressed, to
+    # the n - 1 others (one allgather)
+    lengths = [numel // N + (b < numel % N) for b in range(N)]
+    for compressor, wire_of in ((gossip.Int8(seed=R), int8_of), (gossip.TopK(0.01), top_of)):
+        wire = wire_of(numel)
+        sizes = [wire_of(k) for k in lengths]
+        others = [s for b, s in enumerate(sizes) if b != R]
         gossip.reset_traffic()
         gossip.compressed_allreduce(values(numel), compressor)
-        check("compressed_allreduce", ((N - 1) * wire, N - 1), f"compressed_allreduce {compressor}")
+        check("compressed_allreduce", (sum(others) + (N - 1) * sizes[R], sum(chunks(s, 1) for s in others) + N - 1),
+              f"compressed_allreduce {compressor}")
         gossip.compressed_neighbor_allreduce(values(numel), compressor)
         many = chunks(wire, 1) if wire > chunk_bytes() else 1
         check("compressed_neighbor_allreduce", (degree * wire, degree * many),
