@@ -99,13 +99,6 @@ def _describe(machine_topology) -> tuple:
     return tuple(sorted((int(j), int(i), round(float(d["weight"]), 12)) for j, i, d in edges))
 
 
-def _as_machine_map(weights: Mapping[int, float] | Sequence[int], what: str, machine: int, machines: int,
-                    default: float | None) -> dict[int, float]:
-    """``{machine: weight}`` from a mapping, or from a list of machines (weight ``default``, or
-    1/(k + 1) for None); ValueError naming the problem."""
-    return prologue.weight_map(weights, what, machine, machines, default, unit="machine")
-
-
 def _per_call_step(rt: Runtime, self_weight: float | None, src_machine_weights: MachineWeights,
                    dst_machine_weights: MachineWeights) -> _MachineStep:
     """The per-call weights as this machine's step, or ValueError."""
@@ -113,9 +106,9 @@ def _per_call_step(rt: Runtime, self_weight: float | None, src_machine_weights: 
         raise ValueError("src_machine_weights and self_weight need dst_machine_weights (the machines this "
                          "machine sends to): give all three, or none for the machine topology")
     machines, machine = rt.machine_size, rt.machine_rank
-    dst = _as_machine_map(dst_machine_weights, "dst_machine_weights", machine, machines, 1.0)
+    dst = prologue.weight_map(dst_machine_weights, "dst_machine_weights", machine, machines, 1.0, unit="machine")
     src = {} if src_machine_weights is None else \
-        _as_machine_map(src_machine_weights, "src_machine_weights", machine, machines, None)
+        prologue.weight_map(src_machine_weights, "src_machine_weights", machine, machines, None, unit="machine")
     if self_weight is None:  # as neighbor_allreduce: what is kept plus what is sent (scaled), else received
         scaled = any(w != 1.0 for w in dst.values())
         sw = 1.0 - sum(dst.values()) if scaled else 1.0 - sum(src.values())

@@ -59,11 +59,6 @@ class _Exchange:
     self_weight: float
 
 
-def _as_weight_map(weights: Mapping[int, float] | Sequence[int], what: str, rank: int, size: int,
-                   default: float | None) -> dict[int, float]:
-    return prologue.weight_map(weights, what, rank, size, default)
-
-
 def _self_weight(self_weight: float | None, default: float) -> float:
     """The call's self weight: ``self_weight`` when given (finite), else ``default``."""
     if self_weight is None:
@@ -85,7 +80,7 @@ def _resolve(rt: Runtime, self_weight: float | None, src_weights: Weights, dst_w
             if self_weight is not None:
                 raise ValueError("self_weight was given without src_weights; give both or neither")
             return _Exchange(False, topo.sources, topo.src_weights, topo.destinations, [], topo.self_weight)
-        src = _as_weight_map(src_weights, "src_weights", rt.rank, rt.size, None)
+        src = prologue.weight_map(src_weights, "src_weights", rt.rank, rt.size, None)
         outside = sorted(set(src) - set(topo.sources))
         if outside:
             raise ValueError(
@@ -96,8 +91,8 @@ def _resolve(rt: Runtime, self_weight: float | None, src_weights: Weights, dst_w
         weights = [src.get(j, 0.0) for j in topo.sources]
         return _Exchange(False, topo.sources, weights, topo.destinations, [], sw)
 
-    dst = _as_weight_map(dst_weights, "dst_weights", rt.rank, rt.size, 1.0)
-    src = {} if src_weights is None else _as_weight_map(src_weights, "src_weights", rt.rank, rt.size, None)
+    dst = prologue.weight_map(dst_weights, "dst_weights", rt.rank, rt.size, 1.0)
+    src = {} if src_weights is None else prologue.weight_map(src_weights, "src_weights", rt.rank, rt.size, None)
     scaled = any(w != 1.0 for w in dst.values())
     # default: push-sum keeps what it does not send; plain averaging completes the row to 1
     sw = _self_weight(self_weight, 1.0 - sum(dst.values()) if scaled else 1.0 - sum(src.values()))
