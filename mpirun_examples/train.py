@@ -89,6 +89,7 @@ def main() -> int:
         delay, began, first = step_delay(args, rank), time.perf_counter(), max(steps.start, at.step)
         at.loss_sum = at.loss_sum if at.loss_sum is not None else torch.zeros((), device=device)
         gossip.reset_waited()
+        sent = gossip.traffic().bytes  # this epoch's messages: from here to its synchronize
         try:
             for step in range(first, steps.stop):  # the whole epoch, unless resumed (or recovered) within it
                 if elastic:
@@ -123,13 +124,15 @@ def main() -> int:
             if not torch.isfinite(optimizer.x).all():
                 raise FloatingPointError(f"rank {rank}: NaN/Inf in the parameters after epoch {epoch + 1}")
             optimizer.synchronize()  # finish communication in flight before measuring the models
+            sent = gossip.traffic().bytes - sent
             if steps:  # with growing batches (cr-psgd) an epoch may hold no step of its own: nothing to log
                 own, averaged, distance = metrics.evaluate_averaged(optimizer.x, lambda: evaluate(model, data, device))
                 measure = "validation_loss" if args.model == "char-transformer" else "test_accuracy"
                 log.add(epoch=epoch + 1, train_loss=metrics.mean_over_ranks(at.loss_sum.item() / len(steps)),
                         **{f"{measure}_averaged": averaged, f"{measure}_rank0": own}, consensus_distance=distance,
                         samples_per_second=n * sum(run.batch_sizes[first:steps.stop]) / seconds,
-                        communication_share=metrics.mean_over_ranks(waited / seconds), steps=at.taken)
+                        communication_share=metrics.mean_over_ranks(waited / seconds),
+                        bytes_sent_per_rank=metrics.mean_over_ranks(sent), steps=at.taken)
             if args.checkpoint_dir and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
                 checkpoints.save(epoch + 1, steps.stop, torch.zeros(()), log.records)
             at = Position(epoch + 1, steps.stop, None, at.taken)

@@ -273,13 +273,15 @@ class Log:
                   f"{record['validation_loss_averaged']:.4f} = {record['validation_loss_averaged'] / math.log(2):.3f} "
                   f"bits/char  (rank 0) {record['validation_loss_rank0']:.4f}  "
                   f"consensus {record['consensus_distance']:.2e}  {record['samples_per_second']:,.0f} samples/s  "
-                  f"communication {100 * record['communication_share']:4.1f}% of step time", flush=True)
+                  f"communication {100 * record['communication_share']:4.1f}% of step time, "
+                  f"{record['bytes_sent_per_rank'] / 1e6:.2f} MB sent/rank", flush=True)
         else:
             print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  "
                   f"test acc (averaged) {100 * record['test_accuracy_averaged']:5.2f}%  "
                   f"(rank 0) {100 * record['test_accuracy_rank0']:5.2f}%  "
                   f"consensus {record['consensus_distance']:.2e}  {record['samples_per_second']:,.0f} samples/s  "
-                  f"communication {100 * record['communication_share']:4.1f}% of step time", flush=True)
+                  f"communication {100 * record['communication_share']:4.1f}% of step time, "
+                  f"{record['bytes_sent_per_rank'] / 1e6:.2f} MB sent/rank", flush=True)
         self.write()
 
     def write(self) -> None:

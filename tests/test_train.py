@@ -521,7 +521,8 @@ def test_divergence_is_reported_with_the_step(tmp_path):
 def test_slowmo_header_and_communication_agree(tmp_path):
     """SlowMo over local SGD: the header says it averages every 4 steps and nothing in between;
     the measured communication is the average's (2 ranks, batches of 64: 12 steps per epoch, so every
-    epoch ends on one, and the ranks' models are equal when measured)."""
+    epoch ends on one, and the ranks' models are equal when measured), and so are the log's bytes
+    sent per epoch."""
     done = _run(["--algorithm", "slowmo", "--period", "4", "--slow-momentum", "0.5", "--lr", "0.3", "--epochs", "3",
                  "--batch-size", "64", "--no-progress", "--log-dir", str(tmp_path)], np=2)
     assert done.returncode == 0, done.stdout[-4000:]
@@ -531,6 +532,10 @@ def test_slowmo_header_and_communication_agree(tmp_path):
     assert all(r["communication_share"] > 0 for r in records), records  # it does communicate, every 4 steps
     assert all(r["consensus_distance"] < 1e-12 for r in records), records
     assert records[-1]["test_accuracy_averaged"] > 0.5, records[-1]
+    mlp = 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10  # the digits MLP's parameters, float32
+    # 3 averages an epoch (a 2-rank allreduce sends the model once), and the stop-signal agreement
+    # every 10 steps (one float64), which falls once in each epoch of 12 steps
+    assert all(r["bytes_sent_per_rank"] == 3 * 4 * mlp + 8 for r in records), records
 
 
 @end_to_end
