@@ -1,5 +1,5 @@
 """DiLoCo against synchronous and gossip training on a small language model: validation loss against
-steps and against bytes sent, and time to a target loss on an emulated cluster.
+steps and against bytes sent.
 
 The workload: :class:`CharTransformer` (``mpirun_examples/language_model.py``) on the Python standard
 library's own source (:func:`gossip.tools.data.load_python_source`: offline, split by file), the
@@ -7,33 +7,24 @@ training windows split iid over the ranks. Every method starts from the same ini
 the same samples in the same order for a given seed. Bytes are this rank's :func:`gossip.traffic`
 (the mean over ranks): messages counted exactly, allreduce as a ring's 2(n − 1)/n per byte.
 
-* ``gossiprun -np 4 python benchmarks/diloco.py`` (``--experiment convergence``): PmSGD (momentum
-  SGD on the allreduced gradient, what DDP with SGD does), allreduce-AdamW (AdamW on the allreduced
-  gradient: DDP with AdamW, the baseline of the DiLoCo paper), DmSGD on the one-peer exponential-2
-  graph, local SGD (momentum 0.9, period ``--local-period``), DiLoCo for every H of ``--periods``
-  (inner AdamW, outer Nesterov SGD lr 0.7 momentum 0.9), streaming DiLoCo (H = ``--main-period``,
-  ``--fragments`` fragments, τ = 1, α = 0.5) and DiLoCo H = ``--main-period`` with int8 and bf16
-  outer gradients; then DiLoCo at that H with fp32 and int8 outer gradients over every seed of
-  ``--seeds``. Tuned once, on the first seed, by the final validation loss: the inner AdamW lr on
-  DiLoCo at the main H from ``--adamw-lrs`` (also used by allreduce-AdamW), and the SGD lr on PmSGD
-  from ``--sgd-lrs`` (also used by DmSGD and local SGD). The table gives each method's final
-  validation loss, bytes sent per rank, bytes relative to PmSGD and the loss gap to PmSGD and to
-  allreduce-AdamW in %.
-* ``python benchmarks/diloco.py --experiment cluster`` (root, Linux): starts ``gossiprun --emulate
-  4x1 --link 100mbit`` running ``--experiment time``: PyTorch DDP on gloo with AdamW (lr
-  ``--adamw-lr``) and with momentum SGD (``--sgd-lr``), PmSGD (``--sgd-lr``) and DiLoCo (H =
-  ``--time-period``, inner lr ``--diloco-lr``) train until their validation loss reaches every
-  ``--targets`` or ``--max-steps``; the training time to each target is reported (evaluation
-  excluded). The defaults are the convergence run's tuned lrs, except DDP's AdamW lr, 3e-3, with
-  which AdamW on the averaged gradient reached these losses in fewer steps than with the tuned
-  inner lr 1e-3. Before that, every rank reads its machine's interface counters
-  (``/sys/class/net/eth0/statistics``) around each op and around a few training steps, so that the
-  counted bytes can be checked against the bytes on the wire, headers included; each method's run
-  records what its machine's interface sent too (DDP's gloo traffic, which gossip does not count).
+``gossiprun -np 4 python benchmarks/diloco.py`` runs PmSGD (momentum
+SGD on the allreduced gradient, what DDP with SGD does), allreduce-AdamW (AdamW on the allreduced
+gradient: DDP with AdamW, the baseline of the DiLoCo paper), DmSGD on the one-peer exponential-2
+graph, local SGD (momentum 0.9, period ``--local-period``), DiLoCo for every H of ``--periods``
+(inner AdamW, outer Nesterov SGD lr 0.7 momentum 0.9), streaming DiLoCo (H = ``--main-period``,
+``--fragments`` fragments, τ = 1, α = 0.5) and DiLoCo H = ``--main-period`` with int8 and bf16
+outer gradients; then DiLoCo at that H with fp32 and int8 outer gradients over every seed of
+``--seeds``. Tuned once, on the first seed, by the final validation loss: the inner AdamW lr on
+DiLoCo at the main H from ``--adamw-lrs`` (also used by allreduce-AdamW), and the SGD lr on PmSGD
+from ``--sgd-lrs`` (also used by DmSGD and local SGD). The table gives each method's final
+validation loss, bytes sent per rank, bytes relative to PmSGD and the loss gap to PmSGD and to
+allreduce-AdamW in %.
+
+Time to a target loss on an emulated cluster, against DDP on gloo: ``benchmarks/diloco_time.py``.
 
 Measured on a 2-core VM shared with other jobs: ``benchmarks/measured/diloco-*``.
 
-Writes ``diloco-<experiment>-np<N>.{json,txt,png}`` to ``--out``.
+Writes ``diloco-convergence-np<N>.{json,txt,png}`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -42,7 +33,6 @@ import argparse
 import copy
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -320,152 +310,12 @@ def plot(report: dict, path: Path, x_keys: tuple[str, ...]) -> None:
     fig.savefig(path, dpi=110)
 
 
-# --- the emulated cluster: wire bytes and time to target ------------------------------------------
-
-def interface_counters(interface: str = "eth0") -> tuple[int, int]:
-    """(bytes, packets) this machine's ``interface`` has sent (the network namespace's own sysfs)."""
-    base = Path("/sys/class/net") / interface / "statistics"
-    try:
-        return int((base / "tx_bytes").read_text()), int((base / "tx_packets").read_text())
-    except OSError:
-        return 0, 0
-
-
-def on_the_wire(label: str, action) -> dict:
-    """Collective: run ``action``; the counted bytes (summed over ranks) against the bytes and packets
-    the machines' interfaces sent meanwhile (read by each machine's first rank)."""
-    leader = gossip.local_rank() == 0
-    COMM.Barrier()
-    counted, wire = gossip.traffic(), interface_counters() if leader else (0, 0)
-    action()
-    COMM.Barrier()
-    after = interface_counters() if leader else (0, 0)
-    delta = gossip.traffic() - counted
-    row = {"what": label, "counted_bytes": COMM.allreduce(delta.bytes),
-           "counted_messages": COMM.allreduce(delta.messages), "wire_bytes": COMM.allreduce(after[0] - wire[0]),
-           "wire_packets": COMM.allreduce(after[1] - wire[1])}
-    row["wire_per_counted"] = row["wire_bytes"] / row["counted_bytes"] if row["counted_bytes"] else None
-    if gossip.rank() == 0:
-        ratio = f"{row['wire_per_counted']:.3f}" if row["wire_per_counted"] else "-"
-        print(f"  {label:<52} counted {row['counted_bytes'] / 1e6:9.2f} MB, wire {row['wire_bytes'] / 1e6:9.2f} MB "
-              f"in {row['wire_packets']} packets: wire/counted {ratio}", flush=True)
-    return row
-
-
-def wire_check(args, data, shard, adamw_lr: float, sgd_lr: float) -> list[dict]:
-    """Collective: counted against wire bytes for each op kind and for a few training steps."""
-    numel = sum(p.numel() for p in CharTransformer(256, args.context, width=args.width, layers=args.layers,
-                                                   heads=args.heads).parameters())
-    x = torch.randn(numel)
-    one_peer = topologies.by_name("one-peer-exp2", gossip.size())
-    reps = args.wire_reps
-    rows = [on_the_wire(f"allreduce of {4 * numel / 1e6:.2f} MB x {reps}",
-                        lambda: [gossip.allreduce(x) for _ in range(reps)]),
-            on_the_wire(f"one-peer neighbor_allreduce x {reps}",
-                        lambda: [gossip.neighbor_allreduce(x, **_one_peer_weights(one_peer, k)) for k in range(reps)]),
-            on_the_wire(f"compressed_allreduce int8 x {reps}",
-                        lambda: [gossip.compressed_allreduce(x, gossip.Int8()) for _ in range(reps)]),
-            on_the_wire(f"broadcast x {reps}", lambda: [gossip.broadcast(x) for _ in range(reps)])]
-    steps = args.wire_steps
-    for method, lr in ((Method("PmSGD", "pmsgd", {"momentum": 0.9}), sgd_lr),
-                       (Method(f"DiLoCo H={args.time_period}", "diloco", {"period": args.time_period}, "adamw"),
-                        adamw_lr)):
-        rows.append(on_the_wire(f"training: {method.label}, {steps} steps",
-                                lambda m=method, lr=lr: _steps(m, lr, data, shard, args, steps)))
-    return rows
-
-
-def _one_peer_weights(family, step: int) -> dict:
-    peers = family.peers(step, gossip.rank())
-    return {"self_weight": peers.self_weight, "src_weights": dict(peers.src_weights),
-            "dst_weights": dict(peers.dst_weights)}
-
-
-def _steps(method: Method, lr: float, data, shard, args, steps: int) -> None:
-    module = CharTransformer(256, args.context, width=args.width, layers=args.layers, heads=args.heads, seed=0)
-    model, opt = build(method, module, lr)
-    stream = BatchStream(data.x_train[shard], data.y_train[shard], args.batch_size, seed=gossip.rank())
-    for _ in range(steps):
-        x, y = stream.next()
-        opt.zero_grad()
-        lm_loss(model, x, y).backward()
-        opt.step()
-
-
-def time_to_target(args, data, shard) -> dict:
-    """Collective, on the emulated cluster: the wire check, then each method until every target."""
-    from throughput import init_process_group
-
-    if gossip.rank() == 0:
-        print(f"wire check ({gossip.machine_size()} machines of {gossip.local_size()} ranks):", flush=True)
-    rows = wire_check(args, data, shard, args.diloco_lr, args.sgd_lr)
-    init_process_group("gloo")
-    diloco = {"period": args.time_period, "inner": "adamw", "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True}
-    methods = [(Method("DDP (gloo), AdamW", "ddp", {}, "adamw"), args.adamw_lr),
-               (Method("DDP (gloo), momentum SGD", "ddp-sgd", {"momentum": 0.9}), args.sgd_lr),
-               (Method("PmSGD (gossip.allreduce), momentum SGD", "pmsgd", {"momentum": 0.9}), args.sgd_lr),
-               (Method(f"DiLoCo H={args.time_period}", "diloco", diloco, "adamw"), args.diloco_lr)]
-    if gossip.rank() == 0:
-        print(f"time to validation loss {args.targets}:", flush=True)
-    results, leader = [], gossip.local_rank() == 0
-    for method, lr in methods:
-        before = interface_counters() if leader else (0, 0)
-        run = train(method, lr, data, shard, args, args.seeds[0], args.max_steps, args.time_eval_every, args.targets)
-        after = interface_counters() if leader else (0, 0)
-        run["wire_bytes_per_machine"] = COMM.allreduce(after[0] - before[0]) / gossip.machine_size()
-        results.append(run)
-    return {"wire": rows, "results": results}
-
-
-def time_table(report: dict, args) -> str:
-    results = report["results"]
-    lines = [f"emulated cluster {report['cluster']}, batch {args.batch_size} per rank, eval every "
-             f"{args.time_eval_every} steps (time to a target: the first evaluation at or below it; evaluation "
-             f"excluded from the time; wire bytes: what each machine's eth0 sent during the run, evaluation "
-             f"included, DDP's gloo traffic too, which gossip.traffic does not see)",
-             f"{'method':<42}{'s/step':>8}{'MB counted/rank':>17}{'MB wire/machine':>17}"
-             + "".join(f"{f'to {t:g}: steps, s':>22}" for t in args.targets)]
-    for r in results:
-        cells = []
-        for t in args.targets:
-            hit = r["reached"][str(t)]
-            cells.append(f"{hit['step']:>10} {hit['seconds']:>10.1f}" if hit else f"{'not reached':>21}")
-        per_step = r["seconds"] / r["steps"] if r["steps"] else math.nan
-        lines.append(f"{r['method']:<42}{per_step:>8.3f}{r['bytes'] / 1e6:>17.2f}"
-                     f"{r['wire_bytes_per_machine'] / 1e6:>17.2f}" + "".join(f"{c:>22}" for c in cells))
-    diloco, others = results[-1], results[:-1]
-    for t in args.targets:
-        mine = diloco["reached"][str(t)]
-        for other in others:
-            theirs = other["reached"][str(t)]
-            if mine and theirs:
-                lines.append(f"to {t:g}: {other['method']} took {theirs['seconds'] / mine['seconds']:.2f}x the time of "
-                             f"{diloco['method']}")
-    lines.append("\nbytes counted (gossip.traffic, summed over ranks) against bytes the machines' eth0 sent:")
-    for row in report["wire"]:
-        ratio = f"{row['wire_per_counted']:.3f}" if row["wire_per_counted"] else "-"
-        lines.append(f"  {row['what']:<52}{row['counted_bytes'] / 1e6:>10.2f} MB counted"
-                     f"{row['wire_bytes'] / 1e6:>10.2f} MB on the wire ({row['wire_packets']} packets): {ratio}")
-    return "\n".join(lines)
-
-
-def launch_cluster(args, argv: list[str]) -> int:
-    """Run ``--experiment time`` on ``gossiprun --emulate SHAPE --link RATE``; echo its output."""
-    forwarded = [a for a in argv if a not in ("--experiment", "cluster")]
-    cmd = [sys.executable, "-m", "gossip.tools.launch", "--emulate", args.shape, "--link", args.link, sys.executable,
-           str(Path(__file__).resolve()), *forwarded, "--experiment", "time", "--shape", args.shape,
-           "--link", args.link]
-    return subprocess.run(cmd).returncode
-
-
 def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", choices=["convergence", "cluster", "time"], default="convergence")
     parser.add_argument("--steps", type=int, default=1000, help="convergence: steps per run")
     parser.add_argument("--eval-every", type=int, default=100, help="convergence: steps between evaluations")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per rank per step")
@@ -484,21 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--adamw-lrs", type=floats, default=[1e-3, 3e-3, 6e-3])
     parser.add_argument("--sgd-lrs", type=floats, default=[0.1, 0.3])
-    parser.add_argument("--shape", default="4x1", help="cluster: machines x ranks")
-    parser.add_argument("--link", default="100mbit", help="cluster: each machine's link rate (time: as reported)")
-    parser.add_argument("--adamw-lr", type=float, default=3e-3, help="time: DDP's AdamW lr")
-    parser.add_argument("--diloco-lr", type=float, default=1e-3, help="time: DiLoCo's inner AdamW lr")
-    parser.add_argument("--sgd-lr", type=float, default=0.3, help="time: PmSGD's lr")
-    parser.add_argument("--targets", type=floats, default=[2.3, 2.0], help="time: validation losses to reach")
-    parser.add_argument("--max-steps", type=int, default=800, help="time: at most this many steps per method")
-    parser.add_argument("--time-period", type=int, default=50, help="time: DiLoCo's H")
-    parser.add_argument("--time-eval-every", type=int, default=50)
-    parser.add_argument("--wire-reps", type=int, default=10, help="time: repetitions of each op in the wire check")
-    parser.add_argument("--wire-steps", type=int, default=20, help="time: training steps in the wire check")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
-    if args.experiment == "cluster":
-        return launch_cluster(args, argv)
     torch.set_num_threads(1)
     gossip.init()
     data, shard = load(args)
@@ -507,23 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     if gossip.rank() == 0:
         print(f"{len(data.x_train)} training windows ({len(shard)} per rank), {len(data.x_test)} validation windows "
               f"({min(args.val_windows, len(data.x_test))} evaluated); {parameters:,} parameters", flush=True)
-    if args.experiment == "convergence":
-        report = convergence(args, data, shard)
-    else:
-        report = time_to_target(args, data, shard)
-        report["cluster"] = f"{gossip.machine_size()} machines x {gossip.local_size()} ranks, {args.link}"
+    report = convergence(args, data, shard)
     report["parameters"] = parameters
     if gossip.rank() == 0:
-        table = convergence_table(report, args) if args.experiment == "convergence" else time_table(report, args)
+        table = convergence_table(report, args)
         print("\n" + table)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"diloco-{args.experiment}-np{gossip.size()}"
+        stem = out / f"diloco-convergence-np{gossip.size()}"
         report["args"] = {k: v for k, v in vars(args).items()}
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
         stem.with_suffix(".txt").write_text(table + "\n")
-        plot(report, stem.with_suffix(".png"), ("step", "bytes") if args.experiment == "convergence"
-             else ("step", "seconds"))
+        plot(report, stem.with_suffix(".png"), ("step", "bytes"))
     gossip.shutdown()
     return 0
 

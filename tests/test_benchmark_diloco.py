@@ -1,4 +1,4 @@
-"""benchmarks/diloco.py and benchmarks/compression.py end to end on 4 real ranks, in tiny
+"""benchmarks/diloco.py, diloco_time.py and compression.py end to end on 4 real ranks, in tiny
 configurations: the JSON they write has every method, curve and table entry, and the bytes they report
 are the closed forms of what each method sends (checked here, not the benchmarks' targets)."""
 
@@ -93,28 +93,58 @@ def test_diloco_convergence_writes_every_method_and_its_bytes(tmp_path: Path) ->
     assert (tmp_path / "diloco-convergence-np4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+TINY_TIME = ["--width", "32", "--layers", "2", "--context", "32", "--train-chars", "60000", "--val-chars", "8000",
+             "--val-windows", "32", "--max-steps", "20", "--eval-every", "10", "--period", "5", "--fragments", "2",
+             "--targets", "5.0,0.1"]
+
+
+def test_diloco_tuning_chooses_each_methods_lr(tmp_path: Path) -> None:
+    _run("diloco_time.py", [*TINY_TIME, "--experiment", "tune", "--lrs", "0.003,0.0001", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "diloco-tune-np4.json").read_text())
+    methods = ["allreduce-AdamW (DDP with AdamW)", "DiLoCo H=5", "streaming DiLoCo H=5 (P=2, tau=1, alpha=0.5)"]
+    assert [(r["method"], r["lr"]) for r in report["results"]] == [(m, lr) for m in methods for lr in (0.003, 0.0001)]
+    for r in report["results"]:
+        assert r["reached"]["0.1"] is None and r["steps"] == 20, r  # never reached: ran to --max-steps
+    for m in methods:  # no target reached by both: the lower final loss, which lr 1e-4 cannot have in 20 steps
+        final = {r["lr"]: r["final_val_loss"] for r in report["results"] if r["method"] == m}
+        assert final[0.003] < final[0.0001] and report["chosen"][m] == 0.003, (m, final)
+    table = (tmp_path / "diloco-tune-np4.txt").read_text()
+    assert table.count("<- chosen") == 3
+
+
 @pytest.mark.emulated
 def test_diloco_time_to_target_on_an_emulated_cluster(tmp_path: Path) -> None:
     why = emulation_unavailable()
     if why:
         pytest.skip(why)
-    _run("diloco.py", [*TINY_LM, "--experiment", "time", "--max-steps", "20", "--time-period", "5",
-                       "--time-eval-every", "10", "--targets", "5.0,0.1", "--wire-reps", "2", "--wire-steps", "5",
-                       "--link", "1gbit", "--out", str(tmp_path)], timeout=300, emulated=("4x1", "1gbit"))
+    lrs = ["--ddp-lr", "0.003", "--diloco-lr", "0.003", "--streaming-lr", "0.003"]
+    _run("diloco_time.py", [*TINY_TIME, "--experiment", "time", "--all-methods", "--periods", "5,10", *lrs,
+                            "--wire-reps", "2", "--wire-steps", "5", "--link", "1gbit", "--out", str(tmp_path)],
+         timeout=300, emulated=("4x1", "1gbit"))
     report = json.loads((tmp_path / "diloco-time-np4.json").read_text())
     assert report["cluster"] == "4 machines x 1 ranks, 1gbit"
-    assert [r["method"] for r in report["results"]] == ["DDP (gloo), AdamW", "DDP (gloo), momentum SGD",
-                                                        "PmSGD (gossip.allreduce), momentum SGD", "DiLoCo H=5"]
+    assert [r["method"] for r in report["results"]] == [
+        "DDP (gloo), AdamW", "DDP (gloo), momentum SGD", "PmSGD (gossip.allreduce), momentum SGD",
+        "DmSGD (one-peer exp-2)", "local SGD (momentum 0.9, H=5)", "DiLoCo H=5", "DiLoCo H=10",
+        "DiLoCo H=5, int8 outer gradients", "streaming DiLoCo H=5 (P=2, tau=1, alpha=0.5)"]
     for r in report["results"]:
         assert r["reached"]["5.0"] is not None and r["reached"]["5.0"]["step"] == 10, r  # below a uniform guess
         assert r["reached"]["0.1"] is None and r["steps"] == 20, r  # never reached: ran to --max-steps
         assert r["wire_bytes_per_machine"] > 0, r
+    p = _parameters(32, 2, 32)
     ddp = report["results"][0]
-    assert ddp["bytes"] == 0 and ddp["wire_bytes_per_machine"] > 20 * 4 * _parameters(32, 2, 32)  # gloo: uncounted
+    assert ddp["bytes"] == 0 and ddp["wire_bytes_per_machine"] > 20 * 4 * p  # gloo: uncounted
+    by = {r["method"]: r["bytes"] for r in report["results"]}
+    assert by["DiLoCo H=5"] == by["streaming DiLoCo H=5 (P=2, tau=1, alpha=0.5)"] == 20 // 5 * _ring(4 * p)
+    assert by["DiLoCo H=10"] == by["local SGD (momentum 0.9, H=5)"] // 2 == 20 // 10 * _ring(4 * p)
+    assert by["DiLoCo H=5, int8 outer gradients"] == 20 // 5 * _two_stage(p, _int8_bytes)
+    assert by["DmSGD (one-peer exp-2)"] == 20 * (4 * p + 8)  # one destination per step, with its 8-byte scale
     wire = {row["what"].split(" x ")[0].split(",")[0]: row for row in report["wire"]}
     for row in report["wire"]:  # the machines' interfaces carried at least what was counted (headers on top)
         assert row["wire_bytes"] >= row["counted_bytes"] > 0, row
-    assert wire["broadcast"]["counted_bytes"] == 2 * (N - 1) * 4 * _parameters(32, 2, 32)
+    assert wire["broadcast"]["counted_bytes"] == 2 * (N - 1) * 4 * p
+    table = (tmp_path / "diloco-time-np4.txt").read_text()
+    assert "to 5: DDP (gloo), AdamW took" in table and "the time of streaming DiLoCo H=5" in table
 
 
 def test_compression_writes_choco_and_ops(tmp_path: Path) -> None:
