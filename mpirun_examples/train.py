@@ -89,7 +89,7 @@ def main() -> int:
         delay, began, first = step_delay(args, rank), time.perf_counter(), max(steps.start, at.step)
         at.loss_sum = at.loss_sum if at.loss_sum is not None else torch.zeros((), device=device)
         gossip.reset_waited()
-        sent = gossip.traffic().bytes  # this epoch's messages: from here to its synchronize
+        sent = gossip.traffic().bytes  # this epoch's messages, to its synchronize (resumed: from the resume)
         try:
             for step in range(first, steps.stop):  # the whole epoch, unless resumed (or recovered) within it
                 if elastic:
