@@ -100,11 +100,37 @@ def build(method: Method, model: torch.nn.Module, lr: float):
     return model, algorithms.create(method.name, model.parameters(), lr=lr, **hyper)
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser, batch_size: int, width: int, layers: int) -> None:
+    """The workload's options (data, model, batch), with these defaults for the batch and the model."""
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="windows per rank per step")
+    parser.add_argument("--context", type=int, default=64, help="bytes per window (the model's sequence length)")
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--train-chars", type=int, default=1_000_000)
+    parser.add_argument("--val-chars", type=int, default=50_000)
+    parser.add_argument("--val-windows", type=int, default=512, help="validation windows evaluated")
+
+
 def load(args) -> tuple:
     """(data, this rank's shard of the training windows)."""
     data = load_python_source(context=args.context, max_train_chars=args.train_chars, max_val_chars=args.val_chars)
     shard = partition(data.y_train, gossip.size(), seed=0)[gossip.rank()]
     return data, shard
+
+
+def start(args) -> tuple:
+    """Start the runtime (one thread per rank) and load the workload: (data, this rank's shard, the
+    model's parameter count); rank 0 says what it loaded."""
+    torch.set_num_threads(1)
+    gossip.init()
+    data, shard = load(args)
+    parameters = sum(p.numel() for p in CharTransformer(256, args.context, width=args.width, layers=args.layers,
+                                                        heads=args.heads).parameters())
+    if gossip.rank() == 0:
+        print(f"{len(data.x_train)} training windows ({len(shard)} per rank), {len(data.x_test)} validation windows "
+              f"({min(args.val_windows, len(data.x_test))} evaluated); {parameters:,} parameters", flush=True)
+    return data, shard, parameters
 
 
 @torch.no_grad()
@@ -318,14 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="convergence: steps per run")
     parser.add_argument("--eval-every", type=int, default=100, help="convergence: steps between evaluations")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per rank per step")
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--train-chars", type=int, default=1_000_000)
-    parser.add_argument("--val-chars", type=int, default=50_000)
-    parser.add_argument("--val-windows", type=int, default=512, help="validation windows evaluated")
+    add_workload_arguments(parser, batch_size=16, width=64, layers=2)
     parser.add_argument("--periods", type=lambda s: [int(v) for v in s.split(",")], default=[10, 50, 100])
     parser.add_argument("--main-period", type=int, default=50,
                         help="DiLoCo's H for tuning, streaming, compressed outer gradients and the seeds")
@@ -336,14 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sgd-lrs", type=floats, default=[0.1, 0.3])
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    gossip.init()
-    data, shard = load(args)
-    parameters = sum(p.numel() for p in CharTransformer(256, args.context, width=args.width, layers=args.layers,
-                                                        heads=args.heads).parameters())
-    if gossip.rank() == 0:
-        print(f"{len(data.x_train)} training windows ({len(shard)} per rank), {len(data.x_test)} validation windows "
-              f"({min(args.val_windows, len(data.x_test))} evaluated); {parameters:,} parameters", flush=True)
+    data, shard, parameters = start(args)
     report = convergence(args, data, shard)
     report["parameters"] = parameters
     if gossip.rank() == 0:

@@ -41,7 +41,9 @@ import sys
 from pathlib import Path
 
 import torch
-from diloco import COMM, Method, build, floats, load, plot, train  # sets the path for language_model
+
+# diloco (first) puts mpirun_examples/ on the path, for language_model
+from diloco import COMM, Method, add_workload_arguments, build, floats, plot, start, train
 from language_model import CharTransformer, lm_loss
 
 import gossip
@@ -265,14 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", choices=["cluster", "time", "tune"], default="cluster")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per rank per step")
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--train-chars", type=int, default=1_000_000)
-    parser.add_argument("--val-chars", type=int, default=50_000)
-    parser.add_argument("--val-windows", type=int, default=512, help="validation windows evaluated")
+    add_workload_arguments(parser, batch_size=8, width=128, layers=4)
     parser.add_argument("--period", type=int, default=50, help="DiLoCo's and streaming DiLoCo's H")
     parser.add_argument("--fragments", type=int, default=4, help="streaming DiLoCo's fragments")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0])
@@ -298,13 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.experiment == "cluster":
         return launch_cluster(args, argv)
-    torch.set_num_threads(1)
-    gossip.init()
-    data, shard = load(args)
-    parameters = sum(p.numel() for p in CharTransformer(256, args.context, width=args.width, layers=args.layers,
-                                                        heads=args.heads).parameters())
-    if gossip.rank() == 0:
-        print(f"{len(data.x_train)} training windows ({len(shard)} per rank); {parameters:,} parameters", flush=True)
+    data, shard, parameters = start(args)
     if args.experiment == "tune":
         report = tune(args, data, shard)
     else:

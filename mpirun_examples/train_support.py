@@ -264,24 +264,24 @@ class Log:
         self.records = [r for r in self.records if r.get("epoch") != record.get("epoch")] + [record]
         if gossip.rank() != 0:
             return
+        head = f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  "
         if "staleness_mean" in record:  # the parameter server's record
-            print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  test acc (server model) "
-                  f"{100 * record['test_accuracy']:5.2f}%  staleness mean {record['staleness_mean']:.1f} "
-                  f"max {record['staleness_max']}  {record['samples_per_second']:,.0f} samples/s", flush=True)
-        elif "validation_loss_averaged" in record:
-            print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  validation loss (averaged) "
-                  f"{record['validation_loss_averaged']:.4f} = {record['validation_loss_averaged'] / math.log(2):.3f} "
-                  f"bits/char  (rank 0) {record['validation_loss_rank0']:.4f}  "
-                  f"consensus {record['consensus_distance']:.2e}  {record['samples_per_second']:,.0f} samples/s  "
-                  f"communication {100 * record['communication_share']:4.1f}% of step time, "
-                  f"{record['bytes_sent_per_rank'] / 1e6:.2f} MB sent/rank", flush=True)
+            line = (f"test acc (server model) {100 * record['test_accuracy']:5.2f}%  staleness mean "
+                    f"{record['staleness_mean']:.1f} max {record['staleness_max']}  "
+                    f"{record['samples_per_second']:,.0f} samples/s")
         else:
-            print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  "
-                  f"test acc (averaged) {100 * record['test_accuracy_averaged']:5.2f}%  "
-                  f"(rank 0) {100 * record['test_accuracy_rank0']:5.2f}%  "
-                  f"consensus {record['consensus_distance']:.2e}  {record['samples_per_second']:,.0f} samples/s  "
-                  f"communication {100 * record['communication_share']:4.1f}% of step time, "
-                  f"{record['bytes_sent_per_rank'] / 1e6:.2f} MB sent/rank", flush=True)
+            if "validation_loss_averaged" in record:
+                measured = (f"validation loss (averaged) {record['validation_loss_averaged']:.4f} = "
+                            f"{record['validation_loss_averaged'] / math.log(2):.3f} bits/char  (rank 0) "
+                            f"{record['validation_loss_rank0']:.4f}")
+            else:
+                measured = (f"test acc (averaged) {100 * record['test_accuracy_averaged']:5.2f}%  "
+                            f"(rank 0) {100 * record['test_accuracy_rank0']:5.2f}%")
+            line = (f"{measured}  consensus {record['consensus_distance']:.2e}  "
+                    f"{record['samples_per_second']:,.0f} samples/s  "
+                    f"communication {100 * record['communication_share']:4.1f}% of step time, "
+                    f"{record['bytes_sent_per_rank'] / 1e6:.2f} MB sent/rank")
+        print(head + line, flush=True)
         self.write()
 
     def write(self) -> None:
