@@ -57,26 +57,19 @@ def IsTopologyEquivalent(topo1: nx.DiGraph | None, topo2: nx.DiGraph | None) -> 
 def GetRecvWeights(topo: nx.DiGraph, rank: int) -> tuple[float, dict[int, float]]:  # noqa: N802
     """``(self_weight, {source: weight})``: what ``rank`` gives itself and each in-neighbour, read
     from the edges into it (``A[source, rank]``); self weight 0 without a self-loop."""
-    self_weight, weights = 0.0, {}
-    for src in topo.predecessors(rank):
-        w = float(topo[src][rank].get("weight", 1.0))
-        if src == rank:
-            self_weight = w
-        else:
-            weights[int(src)] = w
-    return self_weight, weights
+    return _split_self(rank, {src: topo[src][rank] for src in topo.predecessors(rank)})
 
 
 def GetSendWeights(topo: nx.DiGraph, rank: int) -> tuple[float, dict[int, float]]:  # noqa: N802
     """``(self_weight, {destination: weight})``: the weights on the edges out of ``rank`` (``A[rank, dst]``)."""
-    self_weight, weights = 0.0, {}
-    for dst in topo.successors(rank):
-        w = float(topo[rank][dst].get("weight", 1.0))
-        if dst == rank:
-            self_weight = w
-        else:
-            weights[int(dst)] = w
-    return self_weight, weights
+    return _split_self(rank, {dst: topo[rank][dst] for dst in topo.successors(rank)})
+
+
+def _split_self(rank: int, edges: dict) -> tuple[float, dict[int, float]]:
+    """``(self_weight, {other: weight})`` from ``rank``'s edges (each weight 1 unless given); self
+    weight 0 without a self-loop."""
+    weights = {int(other): float(edge.get("weight", 1.0)) for other, edge in edges.items()}
+    return weights.pop(rank, 0.0), weights
 
 
 def isPowerOf(x: int, base: int) -> bool:  # noqa: N802
